@@ -1,0 +1,145 @@
+"""Engine throughput and per-stream memory, against the bare batched recurrent step.
+
+    .venv/bin/python bench/engine.py [--runs 5] [--streams 100000] [--batch 4096]
+
+Throughput: engine + scorer alone (string stream ids in, scores and alert decisions out),
+hidden 64, 4 features, batches of `--batch` events over `--streams` streams that are already
+known (a warm-up pass admits them). In the same run, the bare step: `GRUCell` + output head on
+a contiguous batch of the same size, no lookup, gather/scatter or scoring: the physical limit.
+Memory: process RSS growth while 1,000,000 streams are admitted, divided by the streams (the slot
+table, its string keys and the slabs included). The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from detector.engine import Engine
+from detector.events import EventBatch
+from detector.model import Forecaster, ForecasterConfig
+
+HIDDEN, FEATURES = 64, 4
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
+def make_batches(n_batches: int, batch: int, streams: list[str], seed: int) -> list[EventBatch]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n_batches):
+        pick = rng.integers(0, len(streams), batch)
+        out.append(
+            EventBatch(
+                streams=[streams[i] for i in pick],
+                ts=np.full(batch, 1.7e9 + k, dtype=np.float64),
+                values=rng.standard_normal((batch, FEATURES)).astype(np.float32),
+                attrs=np.zeros((batch, 0), dtype=np.int64),
+            )
+        )
+    return out
+
+
+def engine_rate(model: Forecaster, n_streams: int, batch: int, n_batches: int) -> float:
+    streams = [f"sensor-{i:07d}" for i in range(n_streams)]
+    engine = Engine(model, initial_capacity=n_streams)
+    warm = [
+        EventBatch(
+            streams=streams[i : i + batch],
+            ts=np.full(len(streams[i : i + batch]), 1.6e9),
+            values=np.zeros((len(streams[i : i + batch]), FEATURES), dtype=np.float32),
+            attrs=np.zeros((len(streams[i : i + batch]), 0), dtype=np.int64),
+        )
+        for i in range(0, n_streams, batch)
+    ]
+    for b in warm:
+        engine.step_many(b)
+    batches = make_batches(n_batches, batch, streams, seed=1)
+    engine.step_many(batches[0])
+    started = time.perf_counter()
+    for b in batches:
+        result = engine.step_many(b)
+    elapsed = time.perf_counter() - started
+    assert result.score.shape == (batch,) and result.is_alert.dtype == np.bool_
+    return n_batches * batch / elapsed
+
+
+@torch.inference_mode()
+def bare_rate(batch: int, n_batches: int) -> float:
+    cell = torch.nn.GRUCell(FEATURES, HIDDEN)
+    head = torch.nn.Linear(HIDDEN, 2 * FEATURES)
+    x, h = torch.randn(batch, FEATURES), torch.zeros(batch, HIDDEN)
+    for _ in range(5):
+        h = cell(x, h)
+        head(h)
+    started = time.perf_counter()
+    for _ in range(n_batches):
+        h = cell(x, h)
+        head(h)
+    return n_batches * batch / (time.perf_counter() - started)
+
+
+def state_bytes_per_stream(model: Forecaster, n_streams: int, batch: int) -> float:
+    engine = Engine(model)
+    values = np.zeros((batch, FEATURES), dtype=np.float32)
+    no_attrs = np.zeros((batch, 0), dtype=np.int64)
+    ts = np.full(batch, 1.7e9)
+    before = rss_bytes()
+    for start in range(0, n_streams, batch):
+        n = min(batch, n_streams - start)
+        ids = [f"sensor-{i:07d}" for i in range(start, start + n)]
+        engine.step_many(EventBatch(ids, ts[:n], values[:n], no_attrs[:n]))
+    grown = rss_bytes() - before
+    assert engine.active_streams == n_streams
+    return grown / n_streams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--streams", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--memory-streams", type=int, default=1_000_000)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_features=FEATURES, hidden_size=HIDDEN)).eval()
+    engine_runs, bare_runs = [], []
+    for run in range(args.runs):
+        bare_runs.append(bare_rate(args.batch, args.batches))
+        engine_runs.append(engine_rate(model, args.streams, args.batch, args.batches))
+        print(
+            f"run {run + 1}: engine {engine_runs[-1]:,.0f} events/s, bare step "
+            f"{bare_runs[-1]:,.0f} events/s, ratio {engine_runs[-1] / bare_runs[-1]:.2f}",
+            file=sys.stderr,
+        )
+    memory = state_bytes_per_stream(model, args.memory_streams, args.batch)
+    print(f"state: {memory:,.0f} bytes per stream at {args.memory_streams:,} streams", file=sys.stderr)
+    ratios = [e / b for e, b in zip(engine_runs, bare_runs, strict=True)]
+    print(
+        json.dumps(
+            {
+                "events_per_s": round(statistics.median(engine_runs)),
+                "bare_step_events_per_s": round(statistics.median(bare_runs)),
+                "ratio_median": round(statistics.median(ratios), 3),
+                "state_bytes_per_stream": round(memory),
+                "runs": args.runs,
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
