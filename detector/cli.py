@@ -16,9 +16,10 @@ import yaml
 
 from detector import __version__
 from detector.config import Config, load_config
-from detector.errors import DetectorError
+from detector.errors import DetectorError, InputError
 
 DEFAULT_CONFIG = Path("config.yaml")
+DEFAULT_MODEL = Path(__file__).parent / "default_model"  # shipped; `make default-model` rebuilds it
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -55,13 +56,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from detector.train import fit, infer_features, load_history
 
     config = _config(args)
-    inputs = [Path(p) for p in args.input]
-    features = args.features.split(",") if args.features else list(config.data.features)
-    if not features:
-        features = infer_features(inputs[0], _schema(config, [], list(config.data.attrs)))
-    attrs = list(config.data.attrs)
-    schema = _schema(config, features, attrs)
-    history = load_history(inputs, schema, config.model.attr_buckets)
+    seed = config.train.seed if args.seed is None else args.seed
+    if args.synthetic:
+        from detector.synthetic import synthetic_history
+
+        history = synthetic_history(args.synthetic_streams, args.synthetic_steps, seed)
+        features, attrs = history.features, history.attrs
+        sources = [
+            f"synthetic general_corpus(streams={args.synthetic_streams}, "
+            f"steps={args.synthetic_steps}, seed={seed})"
+        ]
+    else:
+        if not args.input:
+            raise InputError("pass --input FILE... (or --synthetic to train on generated data)")
+        inputs = [Path(p) for p in args.input]
+        sources = [str(p) for p in inputs]
+        features = args.features.split(",") if args.features else list(config.data.features)
+        if not features:
+            features = infer_features(inputs[0], _schema(config, [], list(config.data.attrs)))
+        attrs = list(config.data.attrs)
+        schema = _schema(config, features, attrs)
+        history = load_history(inputs, schema, config.model.attr_buckets)
     print(
         f"read {history.events} events of {len(history.streams)} streams "
         f"({history.invalid} invalid rows skipped); features: {', '.join(features)}",
@@ -88,11 +103,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         calibration=result.calibration,
         version=version,
         training={
-            "inputs": [str(p) for p in inputs],
+            "inputs": sources,
             "streams": len(history.streams),
             "events": history.events,
             "invalid": history.invalid,
-            "seed": config.train.seed if args.seed is None else args.seed,
+            "seed": seed,
             "config": config.train.model_dump(mode="json"),
         },
         metrics=result.metrics,
@@ -140,6 +155,75 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_dir(args: argparse.Namespace, config: Config) -> Path:
+    """--model, else the config's model_path, else the shipped default model."""
+    path = args.model or config.model_path
+    if path is not None:
+        return Path(path)
+    if not (DEFAULT_MODEL / "manifest.json").is_file():
+        raise InputError("no default model shipped yet; pass --model or run make default-model")
+    return DEFAULT_MODEL
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from detector import evaluate
+    from detector.artifact import load_artifact
+
+    config = _config(args)
+    artifact = load_artifact(_model_dir(args, config))
+    output = args.output or Path("runs") / f"evaluate-{args.mode}"
+    if args.mode == "nab":
+        report = evaluate.evaluate_nab(
+            args.dir, artifact, config, output, profiles=args.profile, threshold=args.threshold,
+            plots=not args.no_plots, jobs=args.jobs, batch_size=args.batch_size,
+        )  # fmt: skip
+    elif args.mode == "csv":
+        report = evaluate.evaluate_csv(
+            args.dir, artifact, config, sep=args.sep, time_col=args.time_col,
+            label_col=args.label_col, ignore_cols=args.ignore_cols or [],
+            train_rows=args.train_rows, output_dir=output, threshold=args.threshold,
+            plots=not args.no_plots, jobs=args.jobs, batch_size=args.batch_size,
+        )  # fmt: skip
+    else:
+        from detector.synthetic import generate
+
+        kind = args.kind or ("transactions" if artifact.features == ["amount"] else "sensors")
+        data = generate(kind, args.streams, args.steps, args.seed)
+        report = evaluate.evaluate_synthetic(
+            artifact, config, data, output, batch_size=args.batch_size
+        )
+    print(evaluate.format_report(report))
+    seconds = report.get("seconds", {})
+    print(f"report: {output / 'report.json'} ({seconds.get('total', seconds)} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from detector.artifact import load_artifact
+    from detector.worker import Worker, with_embedded_broker
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    import torch
+
+    # Micro-batches are small tensors: extra intra-op threads only spin against the Kafka client.
+    torch.set_num_threads(args.torch_threads)
+    config = _config(args)
+    artifact = load_artifact(_model_dir(args, config))
+    with with_embedded_broker(config, args.embedded_broker, args.partitions) as config:
+        worker = Worker(config, artifact)
+        summary = worker.run(
+            max_records=args.max_events, duration=args.duration, idle_exit=args.idle_exit
+        )
+    print(orjson.dumps(summary.to_dict()).decode(), flush=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from detector.demo import run_demo
 
@@ -166,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_config_check)
 
     train = with_config(commands.add_parser("train", help="train a model from history files"))
-    train.add_argument("--input", nargs="+", required=True, help="CSV or JSON-lines files")
+    train.add_argument("--input", nargs="+", help="CSV or JSON-lines files")
+    train.add_argument(
+        "--synthetic", action="store_true", help="train on the generated general corpus instead"
+    )
+    train.add_argument("--synthetic-streams", type=int, default=256, help="generated streams")
+    train.add_argument("--synthetic-steps", type=int, default=2000, help="steps per stream")
     train.add_argument("--output", required=True, type=Path, help="artifact directory to write")
     train.add_argument("--features", help="comma-separated feature names (default: config)")
     train.add_argument("--epochs", type=int, help="maximum epochs (default: config)")
@@ -190,6 +279,51 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output", required=True, type=Path, help=".csv or .jsonl")
     gen.add_argument("--labels", type=Path, help="CSV of per-event anomaly labels")
     gen.set_defaults(func=cmd_generate)
+
+    evaluate = commands.add_parser("evaluate", help="score labelled data: tables, plots")
+    modes = evaluate.add_subparsers(dest="mode", required=True)
+    nab_cmd = modes.add_parser("nab", help="a NAB layout: data/<category>/*.csv and labels/")
+    csv_cmd = modes.add_parser("csv", help="labelled CSV files, one stream each")
+    syn_cmd = modes.add_parser("synthetic", help="generated streams with injected anomalies")
+    for sub in (nab_cmd, csv_cmd, syn_cmd):
+        with_config(sub)
+        sub.add_argument("--model", type=Path, help="artifact (default: the shipped model)")
+        sub.add_argument(
+            "--output", type=Path, help="report directory (default: runs/evaluate-MODE)"
+        )
+        sub.add_argument("--batch-size", type=int, help="events per micro-batch (default: config)")
+        sub.set_defaults(func=cmd_evaluate)
+    for sub in (nab_cmd, csv_cmd):
+        sub.add_argument("dir", type=Path, help="the directory to evaluate")
+        sub.add_argument("--threshold", type=float, help="fixed threshold (default: see docs)")
+        sub.add_argument("--jobs", type=int, default=1, help="processes, files split among them")
+        sub.add_argument("--no-plots", action="store_true", help="skip the PNGs and index page")
+    nab_cmd.add_argument(
+        "--profile", action="append", choices=["standard", "reward_low_FP_rate",
+        "reward_low_FN_rate"], help="NAB profile, repeatable (default: all three)",
+    )  # fmt: skip
+    csv_cmd.add_argument("--sep", default=",", help="field separator")
+    csv_cmd.add_argument("--time-col", default="timestamp", help="time column")
+    csv_cmd.add_argument("--label-col", default="label", help="0/1 anomaly label column")
+    csv_cmd.add_argument("--ignore-cols", nargs="*", help="columns that are not features")
+    csv_cmd.add_argument("--train-rows", type=int, default=0, help="normal rows, not scored")
+    syn_cmd.add_argument("--kind", choices=["sensors", "transactions"], help="default: by model")
+    syn_cmd.add_argument("--streams", type=int, default=50)
+    syn_cmd.add_argument("--steps", type=int, default=4000, help="events per stream")
+    syn_cmd.add_argument("--seed", type=int, default=1)
+
+    run = with_config(commands.add_parser("run", help="the daemon: consume, score, alert"))
+    run.add_argument("--model", type=Path, help="artifact (default: config, else shipped model)")
+    run.add_argument(
+        "--embedded-broker", action="store_true", help="start a local tansu broker (not for prod)"
+    )
+    run.add_argument("--partitions", type=int, default=4, help="with --embedded-broker: per topic")
+    run.add_argument("--max-events", type=int, help="stop after this many input records")
+    run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.add_argument("--idle-exit", type=float, help="stop after this many seconds without input")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--torch-threads", type=int, default=1, help="intra-op threads (default 1)")
+    run.set_defaults(func=cmd_run)
 
     demo = with_config(commands.add_parser("demo", help="everything on one machine"))
     demo.add_argument("--duration", type=float, default=60.0, help="seconds of live streams")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -85,9 +85,18 @@ class ScoringConfig(Section):
     warmup_events: int = Field(default=30, ge=1, description="events per stream before scoring")
     threshold: float = Field(default=0.9999, gt=0, lt=1, description="alert when score >= this")
     cooldown_seconds: float = Field(default=0.0, ge=0, description="quiet time after an alert")
-    short_window: float = Field(default=3.0, ge=1, description="events averaged for the score")
+    windows: list[Annotated[float, Field(ge=1)]] = Field(
+        default_factory=lambda: [1.0, 4.0, 32.0],
+        min_length=1,
+        description="horizons (events) over which recent errors are averaged and judged",
+    )
     long_window: float = Field(
         default=1000.0, ge=10, description="events that define a stream's normal error"
+    )
+    novelty_window: float = Field(
+        default=200.0,
+        ge=1,
+        description="events after a surprise during which no lesser one scores or alerts again",
     )
     norm_window: float = Field(
         default=2000.0, ge=10, description="events that define a stream's normal value range"

@@ -1,7 +1,8 @@
 """The streaming engine: per-stream state in preallocated slabs, stepped a micro-batch at a time.
 
-A slot table maps each stream id to a row of two slabs: float32 (recurrent state, normalisation
-statistics, score statistics) and float64 (event count, last event time, cooldown end). A batch is
+A slot table maps each stream id to a row of three slabs: the recurrent state (float32, kept
+contiguous for the matrix products), the statistics (float32: event count, normalisation, score
+statistics) and the clocks (float64: last event time, cooldown end). A batch is
 scored in waves: wave k holds the k-th event of every stream in the batch, so a stream with several
 events is stepped in order, and each wave is one gather, one batched model step and one scatter.
 Every row is computed from its own stream's state only, which is why a stream gets the same scores
@@ -28,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -35,11 +37,12 @@ import torch
 from detector import normalization
 from detector.events import EventBatch
 from detector.model import Forecaster
-from detector.scoring import STATS, Calibration, Scorer
+from detector.scoring import Calibration, Scorer
 
 SCORED, WARMUP, REJECTED = 0, 1, 2
 OUTCOMES = ("scored", "warmup", "rejected")  # indexed by the codes above
-COUNT, LAST_TS, COOLDOWN_UNTIL = 0, 1, 2  # columns of the float64 slab
+LAST_TS, COOLDOWN_UNTIL = 0, 1  # columns of the float64 slab ("clocks")
+CLOCKS = 2
 
 
 @dataclass
@@ -47,11 +50,27 @@ class StepResult:
     """One row per event of the batch, in the batch's order."""
 
     outcome: np.ndarray  # (N,) int8: SCORED, WARMUP or REJECTED (max_streams full)
-    score: np.ndarray  # (N,) float32 anomaly probability; 0 unless scored
+    score: np.ndarray  # (N,) float64 anomaly score (probability where it is news); 0 unless scored
     is_alert: np.ndarray  # (N,) bool
-    error: np.ndarray  # (N,) float32 mean squared normalised residual
-    expected: np.ndarray  # (N, F) float32 forecast mean, in the features' own units
-    contributions: np.ndarray  # (N, F) float32 share of the error per feature
+    probability: np.ndarray  # (N,) float64 calibrated anomaly probability; 0 unless scored
+    details: np.ndarray  # (N, 1 + 2F) float32: error | expected | contributions
+
+    @property
+    def error(self) -> np.ndarray:
+        """(N,) mean squared normalised residual."""
+        return self.details[:, 0]
+
+    @property
+    def expected(self) -> np.ndarray:
+        """(N, F) the forecast mean, in the features' own units."""
+        f = (self.details.shape[1] - 1) // 2
+        return self.details[:, 1 : 1 + f]
+
+    @property
+    def contributions(self) -> np.ndarray:
+        """(N, F) each feature's share of the evidence; rows sum to 1."""
+        f = (self.details.shape[1] - 1) // 2
+        return self.details[:, 1 + f :]
 
 
 @dataclass
@@ -59,8 +78,8 @@ class Snapshot:
     """The state of a set of streams, as rows of the engine's slabs."""
 
     streams: list[str]
-    rows32: torch.Tensor  # (S, K32)
-    rows64: torch.Tensor  # (S, 3)
+    rows32: torch.Tensor  # (S, width32): recurrent state, then statistics
+    rows64: torch.Tensor  # (S, 2): last event time, cooldown end
 
 
 class Engine:
@@ -77,7 +96,7 @@ class Engine:
         stream_ttl_seconds: float = math.inf,
     ) -> None:
         self.model = model.eval()
-        self.scorer = scorer or Scorer(threshold=0.9999, short_window=3.0, long_window=1000.0)
+        self.scorer = scorer or Scorer(threshold=0.9999)
         self.n_features = model.config.n_features
         self.warmup_events = warmup_events
         self.cooldown_seconds = cooldown_seconds
@@ -89,17 +108,19 @@ class Engine:
 
         layers, size, f = model.config.num_layers, model.state_size, self.n_features
         self._state_shape = (layers, size)
-        hidden_end = layers * size
-        self._mean = slice(hidden_end, hidden_end + f)
-        self._var = slice(hidden_end + f, hidden_end + 2 * f)
-        self._stats = slice(hidden_end + 2 * f, hidden_end + 2 * f + STATS)
-        self.width32 = hidden_end + 2 * f + STATS
-        self._init32 = torch.zeros(self.width32)
-        self._init32[self._stats] = self.scorer.initial_stats(1)[0]
+        self._hidden_width = layers * size
+        # Statistics columns: count | normalisation mean | variance | score statistics.
+        self._mean = slice(1, 1 + f)
+        self._var = slice(1 + f, 1 + 2 * f)
+        self._stats = slice(1 + 2 * f, 1 + 2 * f + self.scorer.width(f))
+        self._init32 = torch.zeros(self._stats.stop)
+        self._init32[self._stats] = self.scorer.initial_stats(1, f)[0]
+        self.width32 = self._hidden_width + self._stats.stop
 
         capacity = min(initial_capacity, max_streams)
-        self._slab32 = torch.zeros(capacity, self.width32)
-        self._slab64 = torch.zeros(capacity, 3, dtype=torch.float64)
+        self._hidden = torch.zeros(capacity, self._hidden_width)
+        self._slab32 = torch.zeros(capacity, self._stats.stop)
+        self._slab64 = torch.zeros(capacity, CLOCKS, dtype=torch.float64)
         self._slots: dict[str, int] = {}
         self._ids: list[str | None] = []  # slot -> stream id; None where free
         self._free: list[int] = []
@@ -110,7 +131,9 @@ class Engine:
         s, e = config.scoring, config.engine
         return cls(
             model,
-            scorer=Scorer(s.threshold, s.short_window, s.long_window, calibration),
+            scorer=Scorer(
+                s.threshold, tuple(s.windows), s.long_window, calibration, s.novelty_window
+            ),
             warmup_events=s.warmup_events,
             cooldown_seconds=s.cooldown_seconds,
             norm_window=s.norm_window,
@@ -125,17 +148,21 @@ class Engine:
 
     @property
     def capacity(self) -> int:
-        return self._slab32.shape[0]
+        return self._hidden.shape[0]
 
     # ---- slot table -------------------------------------------------------------------------
 
     def _grow(self) -> None:
         capacity = min(2 * self.capacity, self.max_streams)
-        slab32 = torch.zeros(capacity, self.width32)
-        slab32[: self.capacity] = self._slab32
-        slab64 = torch.zeros(capacity, 3, dtype=torch.float64)
-        slab64[: self.capacity] = self._slab64
-        self._slab32, self._slab64 = slab32, slab64
+
+        def grown(slab: torch.Tensor) -> torch.Tensor:
+            bigger = slab.new_zeros(capacity, slab.shape[1])
+            bigger[: slab.shape[0]] = slab
+            return bigger
+
+        self._hidden = grown(self._hidden)
+        self._slab32 = grown(self._slab32)
+        self._slab64 = grown(self._slab64)
 
     def _admit(self, stream: str, now: float, busy: list[int]) -> int:
         """A slot for a new stream, or -1 when max_streams is full and nothing idle can go.
@@ -177,7 +204,7 @@ class Engine:
 
     def _lookup(self, batch: EventBatch) -> np.ndarray:
         get = self._slots.get
-        slots = [get(s, -1) for s in batch.streams]
+        slots = list(map(get, batch.streams, repeat(-1, len(batch))))
         if -1 in slots:
             fresh = []
             for i, stream in enumerate(batch.streams):
@@ -192,9 +219,10 @@ class Engine:
                 slots[i] = slot
             if fresh:
                 index = torch.tensor([slot for slot, _ in fresh])
+                self._hidden[index] = 0.0
                 self._slab32[index] = self._init32
                 self._slab64[index] = torch.tensor(
-                    [[0.0, ts, -math.inf] for _, ts in fresh], dtype=torch.float64
+                    [[ts, -math.inf] for _, ts in fresh], dtype=torch.float64
                 )
         return np.asarray(slots, dtype=np.int64)
 
@@ -202,43 +230,41 @@ class Engine:
 
     @torch.inference_mode()
     def step_many(self, batch: EventBatch) -> StepResult:
-        n, f = len(batch), self.n_features
+        n = len(batch)
         slots = self._lookup(batch)
-        out_score = torch.zeros(n)
-        out_alert = torch.zeros(n, dtype=torch.bool)
-        out_error = torch.zeros(n)
-        out_expected = torch.zeros(n, f)
-        out_contrib = torch.zeros(n, f)
         outcome = np.full(n, SCORED, dtype=np.int8)
         outcome[slots < 0] = REJECTED
-
         values = torch.from_numpy(batch.values)
         ts = torch.from_numpy(batch.ts)
         attrs = torch.from_numpy(batch.attrs) if batch.attrs.shape[1] else None
-        for rows in self._waves(slots):
-            row_index = torch.from_numpy(rows)
-            slot_index = torch.from_numpy(slots[rows])
-            score, alert, error, expected, contrib, warm = self._step_wave(
-                slot_index,
-                values.index_select(0, row_index),
-                ts.index_select(0, row_index),
-                attrs.index_select(0, row_index) if attrs is not None else None,
+        waves = self._waves(slots)
+        if len(waves) == 1 and len(waves[0]) == n:  # the common case: n distinct known streams
+            score, probability, alert, details, warm = self._step_wave(
+                torch.from_numpy(slots), values, ts, attrs
             )
-            out_score.index_copy_(0, row_index, score)
-            out_alert.index_copy_(0, row_index, alert)
-            out_error.index_copy_(0, row_index, error)
-            out_expected.index_copy_(0, row_index, expected)
-            out_contrib.index_copy_(0, row_index, contrib)
-            outcome[rows[warm.numpy()]] = WARMUP
+            outcome[warm.numpy()] = WARMUP
+        else:
+            score = torch.zeros(n, dtype=torch.float64)
+            probability = torch.zeros(n, dtype=torch.float64)
+            alert = torch.zeros(n, dtype=torch.bool)
+            details = torch.zeros(n, 1 + 2 * self.n_features)
+            for rows in waves:
+                row_index = torch.from_numpy(rows)
+                wave_score, wave_probability, wave_alert, wave_details, warm = self._step_wave(
+                    torch.from_numpy(slots[rows]),
+                    values.index_select(0, row_index),
+                    ts.index_select(0, row_index),
+                    attrs.index_select(0, row_index) if attrs is not None else None,
+                )
+                score.index_copy_(0, row_index, wave_score)
+                probability.index_copy_(0, row_index, wave_probability)
+                alert.index_copy_(0, row_index, wave_alert)
+                details.index_copy_(0, row_index, wave_details)
+                outcome[rows[warm.numpy()]] = WARMUP
         if n:
             self.watermark = max(self.watermark, float(batch.ts.max()))
         return StepResult(
-            outcome=outcome,
-            score=out_score.numpy(),
-            is_alert=out_alert.numpy(),
-            error=out_error.numpy(),
-            expected=out_expected.numpy(),
-            contributions=out_contrib.numpy(),
+            outcome, score.numpy(), alert.numpy(), probability.numpy(), details.numpy()
         )
 
     @staticmethod
@@ -267,41 +293,47 @@ class Engine:
         attrs: torch.Tensor | None,
     ) -> tuple[torch.Tensor, ...]:
         """One event for each of B distinct streams: score it, then fold it into the state."""
-        rows32 = self._slab32.index_select(0, slot)  # (B, K32)
-        rows64 = self._slab64.index_select(0, slot)  # (B, 3)
-        count = rows64[:, COUNT]
-        state = rows32[:, : self._mean.start].view(-1, *self._state_shape)  # (B, L, S)
-        mean, var = rows32[:, self._mean], rows32[:, self._var]  # (B, F)
-        stats = rows32[:, self._stats]  # (B, STATS)
+        state = self._hidden.index_select(0, slot).view(-1, *self._state_shape)  # (B, L, S)
+        rows = self._slab32.index_select(0, slot)  # (B, K)
+        clocks = self._slab64.index_select(0, slot)  # (B, 2)
+        count = rows[:, 0]  # (B,)
+        mean, var, stats = rows[:, self._mean], rows[:, self._var], rows[:, self._stats]
 
-        count32 = count.float()
-        z = normalization.normalise(x, mean, var, count32)  # (B, F)
+        scale = normalization.scale(mean, var)  # (B, F)
+        z = normalization.normalise(x, mean, scale, count)  # (B, F)
         forecast, logvar = self.model.predict(state)  # (B, F)
         residuals = (z - forecast) * torch.exp(-0.5 * logvar)
+        result = self.scorer.score(residuals, x, stats, count)
         warm = count < self.warmup_events
-        result = self.scorer.score(residuals, stats, count32, protect=~warm)
-        score = torch.where(warm, torch.zeros_like(result.score), result.score)
-        anomalous = score >= self.scorer.threshold
-        alert = anomalous & (ts >= rows64[:, COOLDOWN_UNTIL])
-        expected = normalization.denormalise(forecast, mean, var)
+        score = result.score.masked_fill(warm, 0.0)
+        probability = result.probability.masked_fill(warm, 0.0)
+        anomalous = probability >= self.scorer.threshold
+        alert = (score >= self.scorer.threshold) & (ts >= clocks[:, COOLDOWN_UNTIL])
 
-        new_state = self.model.step(z, attrs, state)
-        new_mean, new_var = normalization.update(x, mean, var, count32, self.norm_window)
-        keep = anomalous.unsqueeze(1)
-        # The first two forecasts come from a state that has seen (almost) nothing: not evidence.
-        stats_ready = (count >= 2).unsqueeze(1)
-        rows32[:, : self._mean.start] = new_state.reshape(len(slot), -1)
-        rows32[:, self._mean] = torch.where(keep, mean, new_mean)
-        rows32[:, self._var] = torch.where(keep, var, new_var)
-        rows32[:, self._stats] = torch.where(stats_ready, result.stats, stats)
-        rows64[:, COUNT] = count + 1
-        rows64[:, LAST_TS] = ts
-        rows64[:, COOLDOWN_UNTIL] = torch.where(
-            alert, ts + self.cooldown_seconds, rows64[:, COOLDOWN_UNTIL]
+        new_state = self.model.step(
+            z.clamp(-normalization.Z_CLIP, normalization.Z_CLIP), attrs, state
         )
-        self._slab32.index_copy_(0, slot, rows32)
-        self._slab64.index_copy_(0, slot, rows64)
-        return score, alert, result.error, expected, result.contributions, warm
+        new_mean, new_var = normalization.update(x, mean, var, count, self.norm_window)
+        # Anomalous values stay out of the normal range; the first two forecasts come from a
+        # state that has seen (almost) nothing, so they teach the score statistics nothing.
+        keep = anomalous.unsqueeze(1)
+        stats_ready = (count >= 2).unsqueeze(1)
+        self._hidden.index_copy_(0, slot, new_state.reshape(len(slot), -1))
+        new_rows = torch.cat(
+            [
+                (count + 1.0).unsqueeze(1),
+                torch.where(keep, mean, new_mean),
+                torch.where(keep, var, new_var),
+                torch.where(stats_ready, result.stats, stats),
+            ],
+            dim=1,
+        )
+        self._slab32.index_copy_(0, slot, new_rows)
+        cooldown = torch.where(alert, ts + self.cooldown_seconds, clocks[:, COOLDOWN_UNTIL])
+        self._slab64.index_copy_(0, slot, torch.stack([ts, cooldown], dim=1))
+        expected = forecast * scale + mean
+        details = torch.cat([result.error.unsqueeze(1), expected, result.contributions], dim=1)
+        return score, probability, alert, details, warm
 
     # ---- snapshots --------------------------------------------------------------------------
 
@@ -309,11 +341,12 @@ class Engine:
         """Copy the state of the given streams (default: all) that the engine holds."""
         names = list(self._slots) if streams is None else [s for s in streams if s in self._slots]
         index = torch.tensor([self._slots[s] for s in names], dtype=torch.int64)
-        return Snapshot(names, self._slab32[index].clone(), self._slab64[index].clone())
+        rows32 = torch.cat([self._hidden[index], self._slab32[index]], dim=1)
+        return Snapshot(names, rows32, self._slab64[index].clone())
 
     def restore(self, snapshot: Snapshot) -> None:
         """Take over the streams of a snapshot, replacing any state held for them."""
-        if snapshot.rows32.shape[1:] != (self.width32,):
+        if snapshot.rows32.shape[1:] != (self.width32,) or snapshot.rows64.shape[1:] != (CLOCKS,):
             raise ValueError(
                 f"snapshot rows hold {snapshot.rows32.shape[1]} floats, this engine's "
                 f"{self.width32}: it was taken with another model layout"
@@ -327,7 +360,8 @@ class Engine:
                     raise ValueError("max_streams is too small to restore this snapshot")
             slots.append(slot)
         index = torch.tensor(slots, dtype=torch.int64)
-        self._slab32[index] = snapshot.rows32
+        self._hidden[index] = snapshot.rows32[:, : self._hidden_width]
+        self._slab32[index] = snapshot.rows32[:, self._hidden_width :]
         self._slab64[index] = snapshot.rows64
         if len(snapshot.streams):
             self.watermark = max(self.watermark, float(snapshot.rows64[:, LAST_TS].max()))

@@ -32,11 +32,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 
 from detector.events import parse_timestamp
+
+if TYPE_CHECKING:
+    from detector.train import History
 
 SENSOR_FEATURES = ("temperature", "pressure", "vibration", "power")
 SENSOR_KINDS = ("spike", "level_shift", "variance_change", "stuck", "frequency_change")
@@ -436,6 +440,42 @@ def general_corpus(n_streams: int, n_steps: int, seed: int = 0) -> Dataset:
     tiny to dominant (Gaussian, heavy-tailed, Poisson counts), normal bursts, quantisation,
     percentages clipped to [0, 100], and a sampling interval from 1 s to 1 h.
     """
+    names, stamps, values = _general_arrays(n_streams, n_steps, seed)
+    S, T = values.shape
+    return _assemble(
+        names, stamps, values.reshape(S * T, 1), None, np.zeros((S, T), np.int8),
+        np.full((S, T), -1, np.int64), (), ["value"], [], {},
+    )  # fmt: skip
+
+
+def synthetic_history(n_streams: int, n_steps: int, seed: int = 0) -> History:
+    """The general corpus as training history: one time-ordered `(T, 1)` "value" per stream.
+
+    The same series as `general_corpus(n_streams, n_steps, seed)`, without building an event
+    dict per row, so `detector train --synthetic` can pretrain on millions of steps.
+
+    >>> history = synthetic_history(n_streams=3, n_steps=40, seed=1)
+    >>> history.features, len(history.streams), history.streams[0].values.shape
+    (['value'], 3, (40, 1))
+    >>> ds = general_corpus(n_streams=3, n_steps=40, seed=1)
+    >>> first = [e["values"]["value"] for e in ds.events if e["stream"] == "series-0"]
+    >>> bool(np.allclose(first, history.streams[0].values[:, 0]))
+    True
+    """
+    from detector.train import History, StreamHistory
+
+    names, _, values = _general_arrays(n_streams, n_steps, seed)
+    streams = [
+        StreamHistory(name, row[:, None].astype(np.float32), np.zeros((len(row), 0), np.int64))
+        for name, row in zip(names, values, strict=True)
+    ]
+    return History(streams, ["value"], [], events=values.size, invalid=0)
+
+
+def _general_arrays(
+    n_streams: int, n_steps: int, seed: int
+) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """Stream names, epoch-second timestamps per stream and values (S, T) of the general corpus."""
     rng = np.random.default_rng(seed)
     S, T = n_streams, n_steps
     epoch = _epoch(DEFAULT_START)
@@ -448,10 +488,7 @@ def general_corpus(n_streams: int, n_steps: int, seed: int = 0) -> Dataset:
         stamps.append(epoch + offset + interval * np.arange(T, dtype=np.int64))
     width = len(str(max(S - 1, 0)))
     names = [f"series-{i:0{width}d}" for i in range(S)]
-    return _assemble(
-        names, stamps, values.reshape(S * T, 1), None, np.zeros((S, T), np.int8),
-        np.full((S, T), -1, np.int64), (), ["value"], [], {},
-    )  # fmt: skip
+    return names, stamps, values
 
 
 def _general_series(

@@ -109,7 +109,8 @@ def normalise_sequences(values: torch.Tensor, lengths: torch.Tensor, window: flo
     for t in range(steps):
         count = torch.full((n,), float(t))
         x = values[:, t]
-        out[:, t] = normalization.normalise(x, mean, var, count)
+        z = normalization.normalise(x, mean, normalization.scale(mean, var), count)
+        out[:, t] = z.clamp(-normalization.Z_CLIP, normalization.Z_CLIP)
         new_mean, new_var = normalization.update(x, mean, var, count, window)
         live = (t < lengths).unsqueeze(1)
         mean, var = torch.where(live, new_mean, mean), torch.where(live, new_var, var)

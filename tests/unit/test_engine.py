@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from detector.engine import REJECTED, SCORED, WARMUP, Engine
 from detector.events import EventBatch
 from detector.model import Forecaster, ForecasterConfig
+from detector.scoring import Scorer
 
 
 def make_model(cell: str = "gru", n_features: int = 2, n_attrs: int = 0, layers: int = 1):
@@ -92,13 +93,33 @@ def test_a_spike_after_a_steady_history_alerts_and_blames_its_feature():
 
 
 def test_cooldown_suppresses_repeated_alerts_in_event_time():
-    engine = Engine(make_model(), warmup_events=20, cooldown_seconds=10.0)
+    no_novelty = Scorer(threshold=0.9999, novelty_window=1.0)
+    engine = Engine(make_model(), scorer=no_novelty, warmup_events=20, cooldown_seconds=10.0)
     rng = np.random.default_rng(2)
     normal = 10.0 + 0.1 * rng.standard_normal((200, 2))
     engine.step_many(make_batch(["a"] * 200, np.arange(200.0), normal))
     spikes = engine.step_many(make_batch(["a"] * 3, [200.0, 205.0, 211.0], [[10.0, 40.0]] * 3))
     assert spikes.score.min() > 0.9999
     assert spikes.is_alert.tolist() == [True, False, True]
+
+
+def test_only_news_scores_high_an_ongoing_anomaly_does_not_page_every_event():
+    engine = Engine(make_model(), scorer=Scorer(0.9999, novelty_window=20.0), warmup_events=20)
+    rng = np.random.default_rng(2)
+    normal = 10.0 + 0.1 * rng.standard_normal((300, 2))
+    engine.step_many(make_batch(["a"] * 200, np.arange(200.0), normal[:200]))
+    spike = [[10.0, 12.0]]
+    first = engine.step_many(make_batch(["a"], [200.0], spike))
+    again = engine.step_many(make_batch(["a"], [201.0], spike))
+    assert first.is_alert[0] and not again.is_alert[0]
+    assert again.probability[0] > 0.9999 > again.score[0]  # still improbable, but not news
+    bigger = engine.step_many(make_batch(["a"], [202.0], [[10.0, 40.0]]))
+    assert bigger.is_alert[0]
+    engine.step_many(make_batch(["a"] * 97, np.arange(203.0, 300.0), normal[203:]))
+    later = engine.step_many(make_batch(["a"], [300.0], spike))
+    # ~100 events on, the same surprise is news again (how probable it now is, the stream's
+    # tail statistics say: they have learned from the earlier spikes).
+    assert later.score[0] == later.probability[0] > 0.99
 
 
 def test_capacity_grows_by_doubling_and_keeps_state():
