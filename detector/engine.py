@@ -1,10 +1,12 @@
 """The streaming engine: per-stream state in preallocated slabs, stepped a micro-batch at a time.
 
-A slot table maps each stream id to a row of three slabs: the recurrent state (float32, kept
+A slot table maps each stream id to a row of three slabs: the recurrent state (a float32 tensor,
 contiguous for the matrix products), the statistics (float32: event count, normalisation, score
-statistics) and the clocks (float64: last event time, cooldown end). A batch is
+statistics; see `Scorer`) and the clocks (float64: last event time, cooldown end). A batch is
 scored in waves: wave k holds the k-th event of every stream in the batch, so a stream with several
-events is stepped in order, and each wave is one gather, one batched model step and one scatter.
+events is stepped in order. A wave is one gather of recurrent states, one batched forecast, one
+compiled pass of the scorer over the statistics rows (in place), one batched recurrent step and
+one scatter: no per-event Python.
 Every row is computed from its own stream's state only, which is why a stream gets the same scores
 whether its events come one by one or in big mixed batches.
 
@@ -13,7 +15,7 @@ whether its events come one by one or in big mixed batches.
 >>> from detector.events import EventBatch
 >>> torch.manual_seed(0) and None
 >>> engine = Engine(Forecaster(ForecasterConfig(n_features=1, hidden_size=8)).eval(),
-...                 warmup_events=3)
+...                 scorer=Scorer(threshold=0.9999, warmup_events=3))
 >>> batch = EventBatch(streams=["a", "b", "a", "a", "a"], ts=np.arange(5.0),
 ...                    values=np.array([[1.0], [5.0], [1.1], [0.9], [50.0]], dtype=np.float32),
 ...                    attrs=np.zeros((5, 0), dtype=np.int64))
@@ -34,10 +36,10 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from detector import normalization
+from detector.allocator import keep_freed_memory
 from detector.events import EventBatch
 from detector.model import Forecaster
-from detector.scoring import Calibration, Scorer
+from detector.scoring import Calibration, Scorer, WaveResult
 
 SCORED, WARMUP, REJECTED = 0, 1, 2
 OUTCOMES = ("scored", "warmup", "rejected")  # indexed by the codes above
@@ -88,39 +90,29 @@ class Engine:
         model: Forecaster,
         *,
         scorer: Scorer | None = None,
-        warmup_events: int = 30,
-        cooldown_seconds: float = 0.0,
-        norm_window: float = 2000.0,
         initial_capacity: int = 1024,
         max_streams: int = 1_000_000,
         stream_ttl_seconds: float = math.inf,
     ) -> None:
+        keep_freed_memory()
         self.model = model.eval()
         self.scorer = scorer or Scorer(threshold=0.9999)
         self.n_features = model.config.n_features
-        self.warmup_events = warmup_events
-        self.cooldown_seconds = cooldown_seconds
-        self.norm_window = norm_window
         self.max_streams = max_streams
         self.stream_ttl_seconds = stream_ttl_seconds
         self.evictions = 0
         self.watermark = -math.inf  # latest event time seen
 
-        layers, size, f = model.config.num_layers, model.state_size, self.n_features
+        layers, size = model.config.num_layers, model.state_size
         self._state_shape = (layers, size)
         self._hidden_width = layers * size
-        # Statistics columns: count | normalisation mean | variance | score statistics.
-        self._mean = slice(1, 1 + f)
-        self._var = slice(1 + f, 1 + 2 * f)
-        self._stats = slice(1 + 2 * f, 1 + 2 * f + self.scorer.width(f))
-        self._init32 = torch.zeros(self._stats.stop)
-        self._init32[self._stats] = self.scorer.initial_stats(1, f)[0]
-        self.width32 = self._hidden_width + self._stats.stop
+        self._initial_row = self.scorer.initial_row(self.n_features)
+        self.width32 = self._hidden_width + len(self._initial_row)
 
         capacity = min(initial_capacity, max_streams)
         self._hidden = torch.zeros(capacity, self._hidden_width)
-        self._slab32 = torch.zeros(capacity, self._stats.stop)
-        self._slab64 = torch.zeros(capacity, CLOCKS, dtype=torch.float64)
+        self._stats = np.zeros((capacity, len(self._initial_row)), dtype=np.float32)
+        self._clocks = np.zeros((capacity, CLOCKS), dtype=np.float64)
         self._slots: dict[str, int] = {}
         self._ids: list[str | None] = []  # slot -> stream id; None where free
         self._free: list[int] = []
@@ -129,14 +121,19 @@ class Engine:
     def from_config(cls, model: Forecaster, config, calibration: Calibration) -> Engine:
         """Build from the `scoring` and `engine` sections of a detector.config.Config."""
         s, e = config.scoring, config.engine
-        return cls(
-            model,
-            scorer=Scorer(
-                s.threshold, tuple(s.windows), s.long_window, calibration, s.novelty_window
-            ),
+        scorer = Scorer(
+            s.threshold,
+            tuple(s.windows),
+            s.long_window,
+            calibration,
+            s.novelty_window,
             warmup_events=s.warmup_events,
             cooldown_seconds=s.cooldown_seconds,
             norm_window=s.norm_window,
+        )
+        return cls(
+            model,
+            scorer=scorer,
             initial_capacity=e.initial_capacity,
             max_streams=e.max_streams,
             stream_ttl_seconds=e.stream_ttl_seconds,
@@ -155,14 +152,14 @@ class Engine:
     def _grow(self) -> None:
         capacity = min(2 * self.capacity, self.max_streams)
 
-        def grown(slab: torch.Tensor) -> torch.Tensor:
-            bigger = slab.new_zeros(capacity, slab.shape[1])
-            bigger[: slab.shape[0]] = slab
-            return bigger
-
-        self._hidden = grown(self._hidden)
-        self._slab32 = grown(self._slab32)
-        self._slab64 = grown(self._slab64)
+        hidden = self._hidden.new_zeros(capacity, self._hidden_width)
+        hidden[: self._hidden.shape[0]] = self._hidden
+        self._hidden = hidden
+        for name in ("_stats", "_clocks"):
+            old = getattr(self, name)
+            new = np.zeros((capacity, old.shape[1]), dtype=old.dtype)
+            new[: len(old)] = old
+            setattr(self, name, new)
 
     def _admit(self, stream: str, now: float, busy: list[int]) -> int:
         """A slot for a new stream, or -1 when max_streams is full and nothing idle can go.
@@ -187,11 +184,11 @@ class Engine:
     def evict_idle(self, now: float, keep: Iterable[int] = ()) -> int:
         """Free every stream idle (in event time) longer than the TTL; returns how many."""
         used = len(self._ids)
-        idle = (now - self._slab64[:used, LAST_TS]) > self.stream_ttl_seconds
+        idle = (now - self._clocks[:used, LAST_TS]) > self.stream_ttl_seconds
         for slot in keep:
             idle[slot] = False
         evicted = 0
-        for slot in idle.nonzero().flatten().tolist():
+        for slot in np.flatnonzero(idle).tolist():
             stream = self._ids[slot]
             if stream is None:
                 continue
@@ -218,12 +215,10 @@ class Engine:
                         fresh.append((slot, float(batch.ts[i])))
                 slots[i] = slot
             if fresh:
-                index = torch.tensor([slot for slot, _ in fresh])
-                self._hidden[index] = 0.0
-                self._slab32[index] = self._init32
-                self._slab64[index] = torch.tensor(
-                    [[ts, -math.inf] for _, ts in fresh], dtype=torch.float64
-                )
+                index = np.array([slot for slot, _ in fresh])
+                self._hidden[torch.from_numpy(index)] = 0.0
+                self._stats[index] = self._initial_row
+                self._clocks[index] = [[ts, -math.inf] for _, ts in fresh]
         return np.asarray(slots, dtype=np.int64)
 
     # ---- stepping ---------------------------------------------------------------------------
@@ -234,38 +229,34 @@ class Engine:
         slots = self._lookup(batch)
         outcome = np.full(n, SCORED, dtype=np.int8)
         outcome[slots < 0] = REJECTED
-        values = torch.from_numpy(batch.values)
-        ts = torch.from_numpy(batch.ts)
-        attrs = torch.from_numpy(batch.attrs) if batch.attrs.shape[1] else None
+        attrs = batch.attrs if batch.attrs.shape[1] else None
         waves = self._waves(slots)
         if len(waves) == 1 and len(waves[0]) == n:  # the common case: n distinct known streams
-            score, probability, alert, details, warm = self._step_wave(
-                torch.from_numpy(slots), values, ts, attrs
+            result = self._step_wave(slots, batch.values, batch.ts, attrs)
+            outcome[result.warm] = WARMUP
+            score, alert, probability, details = (
+                result.score,
+                result.alert,
+                result.probability,
+                result.details,
             )
-            outcome[warm.numpy()] = WARMUP
         else:
-            score = torch.zeros(n, dtype=torch.float64)
-            probability = torch.zeros(n, dtype=torch.float64)
-            alert = torch.zeros(n, dtype=torch.bool)
-            details = torch.zeros(n, 1 + 2 * self.n_features)
+            score, probability = np.zeros(n), np.zeros(n)
+            alert = np.zeros(n, dtype=np.bool_)
+            details = np.zeros((n, 1 + 2 * self.n_features), dtype=np.float32)
             for rows in waves:
-                row_index = torch.from_numpy(rows)
-                wave_score, wave_probability, wave_alert, wave_details, warm = self._step_wave(
-                    torch.from_numpy(slots[rows]),
-                    values.index_select(0, row_index),
-                    ts.index_select(0, row_index),
-                    attrs.index_select(0, row_index) if attrs is not None else None,
+                result = self._step_wave(
+                    slots[rows],
+                    batch.values[rows],
+                    batch.ts[rows],
+                    attrs[rows] if attrs is not None else None,
                 )
-                score.index_copy_(0, row_index, wave_score)
-                probability.index_copy_(0, row_index, wave_probability)
-                alert.index_copy_(0, row_index, wave_alert)
-                details.index_copy_(0, row_index, wave_details)
-                outcome[rows[warm.numpy()]] = WARMUP
+                score[rows], probability[rows] = result.score, result.probability
+                alert[rows], details[rows] = result.alert, result.details
+                outcome[rows[result.warm]] = WARMUP
         if n:
             self.watermark = max(self.watermark, float(batch.ts.max()))
-        return StepResult(
-            outcome, score.numpy(), alert.numpy(), probability.numpy(), details.numpy()
-        )
+        return StepResult(outcome, score, alert, probability, details)
 
     @staticmethod
     def _waves(slots: np.ndarray) -> list[np.ndarray]:
@@ -286,63 +277,32 @@ class Engine:
         return [rows[rank == k] for k in range(int(rank_sorted.max()) + 1)]
 
     def _step_wave(
-        self,
-        slot: torch.Tensor,
-        x: torch.Tensor,
-        ts: torch.Tensor,
-        attrs: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, ...]:
+        self, slot: np.ndarray, x: np.ndarray, ts: np.ndarray, attrs: np.ndarray | None
+    ) -> WaveResult:
         """One event for each of B distinct streams: score it, then fold it into the state."""
-        state = self._hidden.index_select(0, slot).view(-1, *self._state_shape)  # (B, L, S)
-        rows = self._slab32.index_select(0, slot)  # (B, K)
-        clocks = self._slab64.index_select(0, slot)  # (B, 2)
-        count = rows[:, 0]  # (B,)
-        mean, var, stats = rows[:, self._mean], rows[:, self._var], rows[:, self._stats]
-
-        scale = normalization.scale(mean, var)  # (B, F)
-        z = normalization.normalise(x, mean, scale, count)  # (B, F)
-        forecast, logvar = self.model.predict(state)  # (B, F)
-        residuals = (z - forecast) * torch.exp(-0.5 * logvar)
-        result = self.scorer.score(residuals, x, stats, count)
-        warm = count < self.warmup_events
-        score = result.score.masked_fill(warm, 0.0)
-        probability = result.probability.masked_fill(warm, 0.0)
-        anomalous = probability >= self.scorer.threshold
-        alert = (score >= self.scorer.threshold) & (ts >= clocks[:, COOLDOWN_UNTIL])
-
+        index = torch.from_numpy(slot)
+        state = self._hidden.index_select(0, index).view(-1, *self._state_shape)  # (B, L, S)
+        forecast, logvar = self.model.predict(state)  # (B, F) each
+        result = self.scorer.score_wave(
+            slot, x, ts, forecast.numpy(), logvar.numpy(), self._stats, self._clocks
+        )
         new_state = self.model.step(
-            z.clamp(-normalization.Z_CLIP, normalization.Z_CLIP), attrs, state
+            torch.from_numpy(result.model_input),
+            torch.from_numpy(attrs) if attrs is not None else None,
+            state,
         )
-        new_mean, new_var = normalization.update(x, mean, var, count, self.norm_window)
-        # Anomalous values stay out of the normal range; the first two forecasts come from a
-        # state that has seen (almost) nothing, so they teach the score statistics nothing.
-        keep = anomalous.unsqueeze(1)
-        stats_ready = (count >= 2).unsqueeze(1)
-        self._hidden.index_copy_(0, slot, new_state.reshape(len(slot), -1))
-        new_rows = torch.cat(
-            [
-                (count + 1.0).unsqueeze(1),
-                torch.where(keep, mean, new_mean),
-                torch.where(keep, var, new_var),
-                torch.where(stats_ready, result.stats, stats),
-            ],
-            dim=1,
-        )
-        self._slab32.index_copy_(0, slot, new_rows)
-        cooldown = torch.where(alert, ts + self.cooldown_seconds, clocks[:, COOLDOWN_UNTIL])
-        self._slab64.index_copy_(0, slot, torch.stack([ts, cooldown], dim=1))
-        expected = forecast * scale + mean
-        details = torch.cat([result.error.unsqueeze(1), expected, result.contributions], dim=1)
-        return score, probability, alert, details, warm
+        self._hidden.index_copy_(0, index, new_state.reshape(len(slot), -1))
+        return result
 
     # ---- snapshots --------------------------------------------------------------------------
 
     def snapshot(self, streams: Iterable[str] | None = None) -> Snapshot:
         """Copy the state of the given streams (default: all) that the engine holds."""
         names = list(self._slots) if streams is None else [s for s in streams if s in self._slots]
-        index = torch.tensor([self._slots[s] for s in names], dtype=torch.int64)
-        rows32 = torch.cat([self._hidden[index], self._slab32[index]], dim=1)
-        return Snapshot(names, rows32, self._slab64[index].clone())
+        index = np.array([self._slots[s] for s in names], dtype=np.int64)
+        hidden = self._hidden[torch.from_numpy(index)]
+        rows32 = torch.cat([hidden, torch.from_numpy(self._stats[index])], dim=1)
+        return Snapshot(names, rows32, torch.from_numpy(self._clocks[index]))
 
     def restore(self, snapshot: Snapshot) -> None:
         """Take over the streams of a snapshot, replacing any state held for them."""
@@ -359,10 +319,10 @@ class Engine:
                 if slot < 0:
                     raise ValueError("max_streams is too small to restore this snapshot")
             slots.append(slot)
-        index = torch.tensor(slots, dtype=torch.int64)
-        self._hidden[index] = snapshot.rows32[:, : self._hidden_width]
-        self._slab32[index] = snapshot.rows32[:, self._hidden_width :]
-        self._slab64[index] = snapshot.rows64
+        index = np.array(slots, dtype=np.int64)
+        self._hidden[torch.from_numpy(index)] = snapshot.rows32[:, : self._hidden_width]
+        self._stats[index] = snapshot.rows32[:, self._hidden_width :].numpy()
+        self._clocks[index] = snapshot.rows64.numpy()
         if len(snapshot.streams):
             self.watermark = max(self.watermark, float(snapshot.rows64[:, LAST_TS].max()))
 

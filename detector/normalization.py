@@ -1,50 +1,63 @@
 """Per-stream online normalisation of raw feature values, so one model serves streams of any scale.
 
 Statistics are a running mean and variance that start as exact cumulative moments (Welford) and
-become exponentially weighted over `window` events, so they follow slow drift. The value is
-normalised with the statistics from *before* it, which keeps everything causal; training applies
-the very same functions along each sequence, so the model sees what the engine will feed it.
+become exponentially weighted over `window` events, so they follow slow drift. A value is
+normalised with the statistics from *before* it, which keeps everything causal. The engine's
+kernel and `normalise_sequences` (training) call the same compiled functions, so the model is
+trained on exactly what the engine will feed it.
 
->>> import torch
->>> mean, var, count = torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1)
->>> for value in [10.0, 12.0, 8.0, 10.0]:
-...     z = normalise(torch.tensor([[value]]), mean, scale(mean, var), count)
-...     mean, var = update(torch.tensor([[value]]), mean, var, count, window=100.0)
-...     count = count + 1
->>> round(float(mean), 3), round(float(var), 3)
-(10.0, 2.0)
+>>> import numpy as np
+>>> values = np.array([[[10.0], [12.0], [8.0], [10.0], [13.0]]], dtype=np.float32)  # (S, T, F)
+>>> [round(float(z), 3) for z in normalise_sequences(values, np.array([5]), window=100.0)[0, :, 0]]
+[0.0, 10.0, -3.0, 0.0, 2.121]
 """
 
 from __future__ import annotations
 
-import torch
+import math
+
+import numba
+import numpy as np
 
 Z_CLIP = 10.0  # the model's inputs are clipped here: one wild value must not wreck the state
 Z_LIMIT = 1e4  # normalised values themselves (the error's target) only avoid overflow
-_REL_FLOOR = 1e-6  # sd floor relative to the mean, for constant streams
+REL_FLOOR = 1e-6  # sd floor relative to the mean, for constant streams
 
 
-def scale(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+@numba.njit(cache=True, inline="always")
+def scale(mean: float, var: float) -> float:
     """The standard deviation used to normalise, floored for constant streams."""
-    return torch.sqrt(var + (_REL_FLOOR * mean).square() + 1e-12)
+    return math.sqrt(var + (REL_FLOOR * mean) ** 2 + 1e-12)
 
 
-def normalise(
-    x: torch.Tensor, mean: torch.Tensor, sd: torch.Tensor, count: torch.Tensor
-) -> torch.Tensor:
-    """x, mean, sd = scale(mean, var) (B, F) and count (B,) -> z (B, F); a stream's first value
-    maps to 0. Feed the model `z.clamp(-Z_CLIP, Z_CLIP)`; score errors against z itself."""
-    z = ((x - mean) / sd).clamp(-Z_LIMIT, Z_LIMIT)
-    return z.masked_fill(count.unsqueeze(1) == 0, 0.0)
+@numba.njit(cache=True, inline="always")
+def normalise(x: float, mean: float, var: float, count: float) -> float:
+    """z of x under the statistics of `count` earlier values; a stream's first value maps to 0."""
+    if count == 0:
+        return 0.0
+    return min(max((x - mean) / scale(mean, var), -Z_LIMIT), Z_LIMIT)
 
 
-def update(
-    x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, window: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold x (B, F) into the statistics of streams that have seen `count` (B,) values."""
-    alpha = torch.clamp(1.0 / (count + 1.0), min=1.0 / window).unsqueeze(1)  # (B, 1)
+@numba.njit(cache=True, inline="always")
+def update(x: float, mean: float, var: float, count: float, window: float) -> tuple[float, float]:
+    """Fold x into the statistics of a stream that has seen `count` values."""
+    alpha = max(1.0 / (count + 1.0), 1.0 / window)
     delta = x - mean
-    new_mean = mean + alpha * delta
-    new_var = (1.0 - alpha) * (var + alpha * delta.square())
-    return new_mean, new_var
+    return mean + alpha * delta, (1.0 - alpha) * (var + alpha * delta * delta)
 
+
+@numba.njit(cache=True)
+def normalise_sequences(values: np.ndarray, lengths: np.ndarray, window: float) -> np.ndarray:
+    """Causally normalise padded sequences (S, T, F) as the engine does event by event; the
+    result is clipped to +-Z_CLIP like the model's inputs (padding stays 0)."""
+    n, steps, f = values.shape
+    out = np.zeros_like(values)
+    for i in range(n):
+        for j in range(f):
+            mean, var = 0.0, 0.0
+            for t in range(lengths[i]):
+                x = values[i, t, j]
+                z = normalise(x, mean, var, t)
+                out[i, t, j] = min(max(z, -Z_CLIP), Z_CLIP)
+                mean, var = update(x, mean, var, t, window)
+    return out

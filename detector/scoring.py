@@ -24,17 +24,21 @@
    gives one high score at its onset, and again only if it gets worse, rather than a run of them;
    alerts (and NAB detections) follow the score, so an ongoing anomaly does not page every event.
 
->>> import torch
+The statistics live in the engine's float32 slab, one row per stream; `score_wave` steps a wave
+of events (distinct streams) in one compiled pass that reads and writes those rows in place:
+
+>>> import numpy as np
 >>> scorer = Scorer(threshold=0.9999, windows=(1.0, 4.0, 32.0), long_window=100.0)
->>> stats = scorer.initial_stats(2, n_features=2)
->>> residuals = torch.tensor([[0.5, -0.3], [9.0, 0.1]])                  # (B, F)
->>> values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
->>> result = scorer.score(residuals, values, stats, count=torch.tensor([50.0, 50.0]))
->>> [round(float(p), 3) for p in result.probability]
-[0.433, 1.0]
->>> [round(float(p), 3) for p in result.score]      # the first big surprise is news
-[0.433, 1.0]
->>> [round(float(c), 3) for c in result.contributions[1]]
+>>> stats = np.tile(scorer.initial_row(n_features=2), (2, 1))     # two streams
+>>> stats[:, 0] = 50                                               # both past warm-up
+>>> x = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+>>> stats[:, 1:3], stats[:, 3:5] = x, 1.0                          # mean = x, var = 1
+>>> forecast = np.array([[0.5, -0.3], [-9.0, 0.1]], dtype=np.float32)   # in sd, (B, F)
+>>> out = scorer.score_wave(np.arange(2), x, np.zeros(2), forecast, np.zeros_like(forecast),
+...                         stats, np.zeros((2, 2)))
+>>> out.probability.round(3).tolist(), out.alert.tolist()
+([0.433, 1.0], [False, True])
+>>> out.details[1, 3:].round(3).tolist()                           # contributions
 [1.0, 0.0]
 """
 
@@ -43,7 +47,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import torch
+import numba
+import numpy as np
+
+from detector.normalization import Z_CLIP, normalise, scale, update
 
 PRIOR_WEIGHT = 20.0  # events' worth of trust in the model's validation statistics
 WINSOR_Z = 3.0  # long statistics see at most mean + 3 sd of surprise from any one event
@@ -76,24 +83,29 @@ class Calibration:
 
 
 @dataclass
-class ScoreResult:
-    score: torch.Tensor  # (B,) float64 probability where the event is news, else capped low
-    probability: torch.Tensor  # (B,) float64 calibrated anomaly probability
-    error: torch.Tensor  # (B,) mean squared residual e
-    contributions: torch.Tensor  # (B, F) share of the evidence per feature, sums to 1
-    stats: torch.Tensor  # (B, width) the streams' new score statistics
+class WaveResult:
+    """One row per event of a wave."""
+
+    score: np.ndarray  # (B,) float64 probability where the event is news, else Phi(TAIL_Z)
+    probability: np.ndarray  # (B,) float64 calibrated anomaly probability
+    alert: np.ndarray  # (B,) bool
+    warm: np.ndarray  # (B,) bool: still warming up (score and probability are 0)
+    model_input: np.ndarray  # (B, F) float32 normalised values, clipped for the model
+    details: np.ndarray  # (B, 1 + 2F) float32: error | expected | contributions
 
 
-def surprise(residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residuals (B, F) -> (error e, surprise s = e^(1/3)), each (B,)."""
-    error = residuals.square().mean(dim=1)
-    return error, error.pow(1.0 / 3.0)
+def surprise(error: np.ndarray) -> np.ndarray:
+    """Mean squared residual e -> surprise s = e^(1/3), close to normal for Gaussian residuals."""
+    return np.cbrt(error)
 
 
 class Scorer:
-    """Per-stream score statistics live in the engine's slab as `width(F)` floats per stream:
-    [normal surprise mean | window averages | their variances | per feature: last value,
-    current repeat run, repeat rate, longest recent run]."""
+    """The scoring parameters and the layout of a stream's statistics row (float32):
+
+    [count | value mean (F) | value variance (F) | surprise mean | recent peak z |
+     window averages (W) | their variances (W) | tail rates (W) | tail excesses (W) |
+     last value (F) | repeat run (F) | repeat rate (F) | longest recent run (F)]
+    """
 
     def __init__(
         self,
@@ -102,124 +114,222 @@ class Scorer:
         long_window: float = 1000.0,
         calibration: Calibration | None = None,
         novelty_window: float = 200.0,
+        *,
+        warmup_events: int = 30,
+        cooldown_seconds: float = 0.0,
+        norm_window: float = 2000.0,
     ) -> None:
         if not windows or min(windows) < 1.0:
             raise ValueError(f"windows must be >= 1 event each, got {windows}")
         self.threshold = threshold
         self.windows = tuple(float(w) for w in windows)
-        self.long_alpha = 1.0 / long_window
-        self.novelty_decay = 1.0 - 1.0 / novelty_window
+        self.long_window = long_window
         self.calibration = calibration or Calibration()
-        self._alphas = torch.tensor([1.0 / w for w in self.windows])  # (W,)
-        self._point_window = self._alphas == 1.0  # (W,)
+        self.novelty_window = novelty_window
+        self.warmup_events = warmup_events
+        self.cooldown_seconds = cooldown_seconds
+        self.norm_window = norm_window
+        self._alphas = np.array([1.0 / w for w in self.windows])
 
     def width(self, n_features: int) -> int:
-        return 2 + 4 * len(self.windows) + 4 * n_features
+        return 3 + 4 * len(self.windows) + 6 * n_features
 
-    def initial_stats(self, n: int, n_features: int) -> torch.Tensor:
-        prior = self.calibration
-        a = self._alphas
-        n_windows = len(self.windows)
-        # An EW average of independent values has variance var * a / (2 - a).
-        window_var = prior.var * a / (2.0 - a)
-        row = torch.cat(
+    def initial_row(self, n_features: int) -> np.ndarray:
+        """A new stream's statistics: no values seen, surprise at the calibration prior."""
+        prior, a, w, f = self.calibration, self._alphas, len(self.windows), n_features
+        return np.concatenate(
             [
-                torch.tensor([prior.mean, TAIL_Z]),  # normal surprise, recent peak z
-                torch.full((n_windows,), prior.mean),  # window averages
-                window_var,
-                torch.full((n_windows,), TAIL_RATE_PRIOR),  # how often a window exceeds
-                torch.full((n_windows,), TAIL_EXCESS_PRIOR),  # by how much, in sd
-                torch.full((n_features,), math.nan),  # last value: none yet
-                torch.zeros(n_features),  # current run of repeats
-                torch.full((n_features,), REPEAT_PRIOR),
-                torch.zeros(n_features),  # longest recent run
+                [0.0],  # count
+                np.zeros(2 * f),  # value mean and variance
+                [prior.mean, TAIL_Z],  # normal surprise, recent peak z
+                np.full(w, prior.mean),  # window averages
+                prior.var * a / (2.0 - a),  # their variances: EW average of independent values
+                np.full(w, TAIL_RATE_PRIOR),
+                np.full(w, TAIL_EXCESS_PRIOR),
+                np.full(f, np.nan),  # last value: none yet
+                np.zeros(f),  # current run of repeats
+                np.full(f, REPEAT_PRIOR),
+                np.zeros(f),  # longest recent run
             ]
-        )
-        return row.repeat(n, 1)
+        ).astype(np.float32)
 
-    def score(
-        self, residuals: torch.Tensor, values: torch.Tensor, stats: torch.Tensor, count: torch.Tensor
-    ) -> ScoreResult:
-        """Score one event per row and return the streams' updated statistics.
+    def score_wave(
+        self,
+        slots: np.ndarray,
+        x: np.ndarray,
+        ts: np.ndarray,
+        forecast: np.ndarray,
+        logvar: np.ndarray,
+        stats: np.ndarray,
+        clocks: np.ndarray,
+    ) -> WaveResult:
+        """Score one event for each of B distinct streams and fold it into their rows.
 
-        residuals and values (B, F); `count` (B,) is each stream's number of earlier events (how
-        far the prior has faded).
+        slots (B,) index `stats` (C, width) and `clocks` (C, 2: last time, cooldown end), which
+        are updated in place; x, forecast and logvar are (B, F), the forecast in normalised units.
         """
-        n_windows, n_features = len(self.windows), values.shape[1]
-        mean, peak = stats[:, 0], stats[:, 1]  # (B,)
-        averages, window_var, tail_rate, tail_excess = stats[:, 2 : 2 + 4 * n_windows].split(
-            n_windows, dim=1
-        )  # (B, W) each
-        last, run, rate, longest = stats[:, 2 + 4 * n_windows :].split(n_features, dim=1)
-
-        error, s = surprise(residuals)  # (B,)
-        # Window 1 sees s as it is; longer windows and the long-run statistics see it winsorised,
-        # so one spike (judged by window 1) neither holds them up nor teaches them much.
-        window_sd = window_var.clamp_min(1e-8).sqrt()  # (B, W)
-        capped = torch.minimum(s, mean + WINSOR_Z * window_sd[:, 0])
-        inputs = torch.where(self._point_window, s.unsqueeze(1), capped.unsqueeze(1))  # (B, W)
-        averages = averages + self._alphas * (inputs - averages)
-        z_windows = (averages - mean.unsqueeze(1)) / window_sd  # (B, W)
-
-        # Beyond TAIL_Z sd, a window's tail is the stream's own: exceedances happen at rate p and
-        # overshoot by an exponential amount with mean m (peaks over threshold, as in SPOT), so
-        # a stream whose errors are heavy-tailed by nature learns that, and only a surprise
-        # beyond its usual extremes is improbable.
-        over = z_windows - TAIL_Z  # (B, W), in sd
-        exceeds = over > 0
-        log_tail = torch.log(tail_rate) - over.clamp_min(0.0) / tail_excess
-        log_tail = torch.where(exceeds, log_tail, torch.zeros_like(log_tail)).min(dim=1).values
-
-        repeated = values == last  # (B, F); NaN (no last value) never equals
-        run = torch.where(repeated, run + 1.0, torch.zeros_like(run))
-        # Runs as long as this stream's longest recent one are normal for it (a counter that sits
-        # at zero at night); beyond that, each extra repeat has probability p.
-        excess = (run - longest).clamp_min(0.0)
-        log_stuck = (excess * torch.log(rate.clamp_min(REPEAT_FLOOR))).min(dim=1).values  # (B,)
-
-        z_body = z_windows.max(dim=1).values.clamp(max=TAIL_Z)
-        log_p = torch.minimum(log_tail, log_stuck).clamp_min(-LOG_P_MIN)
-        z_tail = -torch.special.ndtri(log_p.exp())  # (B,), +inf-free thanks to the clamp
-        z = torch.where(log_p < 0, torch.maximum(z_tail, z_body), z_body).clamp(-Z_MAX, Z_MAX)
-        # float64: in float32 every z above ~5.3 would be the same score, 1.0.
-        z64 = z.double()
-        probability = torch.special.ndtr(z64)
-        peak = TAIL_Z + (peak - TAIL_Z) * self.novelty_decay
-        news = z > peak + NEWS_MARGIN  # a margin, so that a run at the z cap is not news
-        score = torch.where(news, probability, torch.special.ndtr(z64.clamp(max=TAIL_Z)))
-        peak = torch.maximum(peak, z)
-
-        # Long-run statistics fade in from the prior, then forget over `long_window` events.
-        alpha = torch.clamp(1.0 / (count + PRIOR_WEIGHT + 1.0), min=self.long_alpha)  # (B,)
-        new_mean = mean + alpha * (capped - mean)
-        deviation = (averages - new_mean.unsqueeze(1)).clamp(max=WINSOR_Z * window_sd)
-        a = alpha.unsqueeze(1)
-        window_var = (1.0 - a) * window_var + a * deviation.square()
-        tail_rate = tail_rate + a * (exceeds.to(tail_rate.dtype) - tail_rate)
-        # Each exceedance weighs as one of the ~p/a in the window, plus TAIL_PRIOR prior ones.
-        step = a / (tail_rate + TAIL_PRIOR * a) * exceeds
-        tail_excess = tail_excess + step * (over.clamp(0.0, TAIL_EXCESS_MAX) - tail_excess)
-        tail_excess = tail_excess.clamp_min(TAIL_EXCESS_MIN)
-        rate = rate + a * (repeated.to(rate.dtype) - rate)
-        longest = torch.maximum(longest * (1.0 - self.long_alpha), run)
-
-        squared = residuals.square()
-        stuck_wins = (log_stuck < log_tail).unsqueeze(1)
-        blame = torch.where(stuck_wins, excess, squared)
-        contributions = blame / blame.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        new_stats = torch.cat(
-            [
-                new_mean.unsqueeze(1),
-                peak.unsqueeze(1),
-                averages,
-                window_var,
-                tail_rate,
-                tail_excess,
-                values,
-                run,
-                rate,
-                longest,
-            ],
-            dim=1,
+        b, f = x.shape
+        out = WaveResult(
+            score=np.empty(b),
+            probability=np.empty(b),
+            alert=np.empty(b, dtype=np.bool_),
+            warm=np.empty(b, dtype=np.bool_),
+            model_input=np.empty((b, f), dtype=np.float32),
+            details=np.empty((b, 1 + 2 * f), dtype=np.float32),
         )
-        return ScoreResult(score, probability, error, contributions, new_stats)
+        _score_wave(
+            slots, x, ts, forecast, logvar, stats, clocks, self._alphas,
+            self.threshold, 1.0 / self.long_window, 1.0 - 1.0 / self.novelty_window,
+            float(self.warmup_events), self.cooldown_seconds, self.norm_window,
+            out.score, out.probability, out.alert, out.warm, out.model_input, out.details,
+        )  # fmt: skip
+        return out
+
+
+@numba.njit(cache=True, inline="always")
+def _ndtr(z: float) -> float:
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+@numba.njit(cache=True)
+def _z_of_log_tail(log_p: float) -> float:
+    """z with upper-tail probability exp(log_p) <= 0.5: Acklam's approximation to the normal
+    quantile, then one Newton step on erfc (relative error well below 1e-9)."""
+    p = math.exp(log_p)
+    q = math.sqrt(-2.0 * log_p)
+    z = -(((((-7.784894002430293e-03 * q - 3.223964580411365e-01) * q - 2.400758277161838)
+            * q - 2.549732539343734) * q + 4.374664141464968) * q + 2.938163982698783) / (
+        (((7.784695709041462e-03 * q + 3.224671290700398e-01) * q + 2.445134137142996) * q
+         + 3.754408661907416) * q + 1.0)  # fmt: skip
+    if p > 0.02425:  # central region
+        r = (0.5 - p) ** 2
+        t = 0.5 - p
+        z = (((((-3.969683028665376e01 * r + 2.209460984245205e02) * r - 2.759285104469687e02)
+               * r + 1.383577518672690e02) * r - 3.066479806614716e01) * r + 2.506628277459239
+             ) * t / (((((-5.447609879822406e01 * r + 1.615858368580409e02) * r
+                         - 1.556989798598866e02) * r + 6.680131188771972e01) * r
+                       - 1.328068155363154e01) * r + 1.0)  # fmt: skip
+    error = 0.5 * math.erfc(z / math.sqrt(2.0)) - p
+    return z + error * math.sqrt(2.0 * math.pi) * math.exp(0.5 * z * z)
+
+
+@numba.njit(cache=True)
+def _score_wave(
+    slots, x, ts, forecast, logvar, stats, clocks, alphas,
+    threshold, long_alpha, novelty_decay, warmup, cooldown, norm_window,
+    score, probability, alert, warm, model_input, details,
+):  # fmt: skip
+    b, f = x.shape
+    w = alphas.shape[0]
+    mean_at, var_at, s_at, peak_at = 1, 1 + f, 1 + 2 * f, 2 + 2 * f
+    avg_at = 3 + 2 * f
+    wvar_at, rate_at, excess_at = avg_at + w, avg_at + 2 * w, avg_at + 3 * w
+    last_at = avg_at + 4 * w
+    run_at, repeat_at, longest_at = last_at + f, last_at + 2 * f, last_at + 3 * f
+    for i in range(b):
+        row = stats[slots[i]]
+        count = row[0]
+
+        # Residuals under the forecast; the expected value in the feature's own units.
+        error = 0.0
+        for j in range(f):
+            mean, var = row[mean_at + j], row[var_at + j]
+            z = normalise(x[i, j], mean, var, count)
+            model_input[i, j] = min(max(z, -Z_CLIP), Z_CLIP)
+            r = (z - forecast[i, j]) * math.exp(-0.5 * logvar[i, j])
+            details[i, 1 + j] = forecast[i, j] * scale(mean, var) + mean
+            details[i, 1 + f + j] = r * r
+            error += r * r
+        error /= f
+        s = error ** (1.0 / 3.0)
+        details[i, 0] = error
+
+        # Windows: z of each horizon's average surprise; beyond TAIL_Z the stream's own tail.
+        normal = row[s_at]
+        capped = min(s, normal + WINSOR_Z * math.sqrt(max(row[wvar_at], 1e-8)))
+        z_body = -Z_MAX
+        log_tail = 0.0
+        for k in range(w):
+            # Window 1 sees s as it is; longer ones see it winsorised, so that one spike (judged
+            # by window 1) does not hold them up for dozens of events.
+            seen = s if alphas[k] == 1.0 else capped
+            average = row[avg_at + k] + alphas[k] * (seen - row[avg_at + k])
+            row_sd = math.sqrt(max(row[wvar_at + k], 1e-8))
+            zk = (average - normal) / row_sd
+            z_body = max(z_body, min(zk, TAIL_Z))
+            if zk > TAIL_Z:
+                tail = math.log(row[rate_at + k]) - (zk - TAIL_Z) / row[excess_at + k]
+                log_tail = min(log_tail, tail)
+            row[avg_at + k] = average if count >= 2 else row[avg_at + k]
+
+        # Stuck signals: runs beyond the longest recent one, each extra repeat with rate p.
+        log_stuck = 0.0
+        for j in range(f):
+            run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
+            excess = max(run - row[longest_at + j], 0.0)
+            log_stuck = min(log_stuck, excess * math.log(max(row[repeat_at + j], REPEAT_FLOOR)))
+
+        log_p = max(min(log_tail, log_stuck), -LOG_P_MIN)
+        zed = max(_z_of_log_tail(log_p), z_body) if log_p < 0.0 else z_body
+        zed = min(max(zed, -Z_MAX), Z_MAX)
+        is_warm = count < warmup
+        prob = 0.0 if is_warm else _ndtr(zed)
+        peak = TAIL_Z + (row[peak_at] - TAIL_Z) * novelty_decay
+        news = zed > peak + NEWS_MARGIN
+        probability[i] = prob
+        score[i] = prob if (news or is_warm) else _ndtr(min(zed, TAIL_Z))
+        warm[i] = is_warm
+        alert[i] = score[i] >= threshold and ts[i] >= clocks[slots[i], 1]
+        if alert[i]:
+            clocks[slots[i], 1] = ts[i] + cooldown
+        clocks[slots[i], 0] = ts[i]
+
+        # Blame: the stuck features when a run decided, else each feature's squared residual.
+        total = 0.0
+        for j in range(f):
+            if log_stuck < log_tail:
+                run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
+                details[i, 1 + f + j] = max(run - row[longest_at + j], 0.0)
+            total += details[i, 1 + f + j]
+        for j in range(f):
+            details[i, 1 + f + j] /= max(total, 1e-12)
+
+        # Learn. The first two forecasts come from a state that has seen (almost) nothing.
+        if count >= 2:
+            alpha = max(1.0 / (count + PRIOR_WEIGHT + 1.0), long_alpha)
+            row[peak_at] = max(peak, zed)
+            new_normal = normal + alpha * (capped - normal)
+            row[s_at] = new_normal
+            for k in range(w):
+                sd_k = math.sqrt(max(row[wvar_at + k], 1e-8))
+                zk = (row[avg_at + k] - normal) / sd_k
+                deviation = min(row[avg_at + k] - new_normal, WINSOR_Z * sd_k)
+                row[wvar_at + k] = (1.0 - alpha) * row[wvar_at + k] + alpha * deviation * deviation
+                exceeds = 1.0 if zk > TAIL_Z else 0.0
+                rate = row[rate_at + k]
+                row[rate_at + k] = rate + alpha * (exceeds - rate)
+                if exceeds:
+                    step = alpha / (rate + TAIL_PRIOR * alpha)
+                    over = min(zk - TAIL_Z, TAIL_EXCESS_MAX)
+                    row[excess_at + k] = max(
+                        row[excess_at + k] + step * (over - row[excess_at + k]), TAIL_EXCESS_MIN
+                    )
+            for j in range(f):
+                repeated = x[i, j] == row[last_at + j]
+                run = row[run_at + j] + 1.0 if repeated else 0.0
+                row[repeat_at + j] += alpha * ((1.0 if repeated else 0.0) - row[repeat_at + j])
+                row[longest_at + j] = max(row[longest_at + j] * (1.0 - long_alpha), run)
+                row[run_at + j] = run
+        else:
+            for j in range(f):
+                row[run_at + j] = 0.0
+        for j in range(f):
+            row[last_at + j] = x[i, j]
+
+        # Anomalous values stay out of the normal range (river's protect_anomaly_detector).
+        if prob < threshold:
+            for j in range(f):
+                row[mean_at + j], row[var_at + j] = update(
+                    x[i, j], row[mean_at + j], row[var_at + j], count, norm_window
+                )
+        row[0] = count + 1.0

@@ -101,22 +101,6 @@ def load_history(paths: Sequence[Path], schema: Schema, attr_buckets: int) -> Hi
     return History(streams, list(schema.features), list(schema.attrs), events, invalid)
 
 
-def normalise_sequences(values: torch.Tensor, lengths: torch.Tensor, window: float) -> torch.Tensor:
-    """Causally normalise padded sequences (S, T, F) exactly as the engine does event by event."""
-    n, steps, f = values.shape
-    mean, var = torch.zeros(n, f), torch.zeros(n, f)
-    out = torch.zeros_like(values)
-    for t in range(steps):
-        count = torch.full((n,), float(t))
-        x = values[:, t]
-        z = normalization.normalise(x, mean, normalization.scale(mean, var), count)
-        out[:, t] = z.clamp(-normalization.Z_CLIP, normalization.Z_CLIP)
-        new_mean, new_var = normalization.update(x, mean, var, count, window)
-        live = (t < lengths).unsqueeze(1)
-        mean, var = torch.where(live, new_mean, mean), torch.where(live, new_var, var)
-    return out
-
-
 def _pad(history: History, window: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(s.values) for s in history.streams])
     steps, f, a = int(lengths.max()), len(history.features), len(history.attrs)
@@ -125,7 +109,8 @@ def _pad(history: History, window: float) -> tuple[torch.Tensor, torch.Tensor, t
     for i, stream in enumerate(history.streams):
         values[i, : len(stream.values)] = torch.from_numpy(stream.values)
         attrs[i, : len(stream.attrs)] = torch.from_numpy(stream.attrs)
-    return normalise_sequences(values, lengths, window), attrs, lengths
+    z = normalization.normalise_sequences(values.numpy(), lengths.numpy(), window)
+    return torch.from_numpy(z), attrs, lengths
 
 
 def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

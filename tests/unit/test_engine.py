@@ -15,7 +15,11 @@ from detector.scoring import Scorer
 def make_model(cell: str = "gru", n_features: int = 2, n_attrs: int = 0, layers: int = 1):
     torch.manual_seed(0)
     config = ForecasterConfig(
-        n_features=n_features, cell=cell, hidden_size=16, num_layers=layers, n_attrs=n_attrs,
+        n_features=n_features,
+        cell=cell,
+        hidden_size=16,
+        num_layers=layers,
+        n_attrs=n_attrs,
         attr_buckets=32,
     )
     return Forecaster(config).eval()
@@ -60,9 +64,13 @@ def run_in_batches(engine: Engine, batch: EventBatch, size: int):
 def test_scores_do_not_depend_on_how_events_are_batched(seed, n_streams, batch_size, cell):
     events = random_events(seed, 400, n_streams, n_attrs=1)
     model = make_model(cell, n_attrs=1, layers=2)
-    one_by_one = run_in_batches(Engine(model, warmup_events=5), events, 1)
-    batched = run_in_batches(Engine(model, warmup_events=5), events, batch_size)
-    everything = run_in_batches(Engine(model, warmup_events=5), events, len(events))
+    one_by_one = run_in_batches(Engine(model, scorer=Scorer(0.9999, warmup_events=5)), events, 1)
+    batched = run_in_batches(
+        Engine(model, scorer=Scorer(0.9999, warmup_events=5)), events, batch_size
+    )
+    everything = run_in_batches(
+        Engine(model, scorer=Scorer(0.9999, warmup_events=5)), events, len(events)
+    )
     for other in (batched, everything):
         np.testing.assert_array_equal(one_by_one["outcome"], other["outcome"])
         np.testing.assert_allclose(one_by_one["score"], other["score"], atol=1e-5)
@@ -71,7 +79,7 @@ def test_scores_do_not_depend_on_how_events_are_batched(seed, n_streams, batch_s
 
 
 def test_warmup_then_scored_per_stream():
-    engine = Engine(make_model(), warmup_events=3)
+    engine = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=3))
     batch = make_batch(["a"] * 5 + ["b"], range(6), [[1.0, 2.0]] * 6)
     result = engine.step_many(batch)
     assert result.outcome.tolist() == [WARMUP] * 3 + [SCORED] * 2 + [WARMUP]
@@ -80,7 +88,7 @@ def test_warmup_then_scored_per_stream():
 
 
 def test_a_spike_after_a_steady_history_alerts_and_blames_its_feature():
-    engine = Engine(make_model(), warmup_events=20)
+    engine = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=20))
     rng = np.random.default_rng(1)
     normal = 10.0 + 0.1 * rng.standard_normal((200, 2))
     engine.step_many(make_batch(["a"] * 200, np.arange(200.0), normal))
@@ -93,8 +101,8 @@ def test_a_spike_after_a_steady_history_alerts_and_blames_its_feature():
 
 
 def test_cooldown_suppresses_repeated_alerts_in_event_time():
-    no_novelty = Scorer(threshold=0.9999, novelty_window=1.0)
-    engine = Engine(make_model(), scorer=no_novelty, warmup_events=20, cooldown_seconds=10.0)
+    no_novelty = Scorer(0.9999, novelty_window=1.0, warmup_events=20, cooldown_seconds=10.0)
+    engine = Engine(make_model(), scorer=no_novelty)
     rng = np.random.default_rng(2)
     normal = 10.0 + 0.1 * rng.standard_normal((200, 2))
     engine.step_many(make_batch(["a"] * 200, np.arange(200.0), normal))
@@ -104,7 +112,7 @@ def test_cooldown_suppresses_repeated_alerts_in_event_time():
 
 
 def test_only_news_scores_high_an_ongoing_anomaly_does_not_page_every_event():
-    engine = Engine(make_model(), scorer=Scorer(0.9999, novelty_window=20.0), warmup_events=20)
+    engine = Engine(make_model(), scorer=Scorer(0.9999, novelty_window=20.0, warmup_events=20))
     rng = np.random.default_rng(2)
     normal = 10.0 + 0.1 * rng.standard_normal((300, 2))
     engine.step_many(make_batch(["a"] * 200, np.arange(200.0), normal[:200]))
@@ -123,7 +131,7 @@ def test_only_news_scores_high_an_ongoing_anomaly_does_not_page_every_event():
 
 
 def test_capacity_grows_by_doubling_and_keeps_state():
-    engine = Engine(make_model(), initial_capacity=4, warmup_events=2)
+    engine = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=2), initial_capacity=4)
     first = make_batch(["a", "a", "a"], [0.0, 1.0, 2.0], [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
     engine.step_many(first)
     before = engine.snapshot(["a"])
@@ -135,7 +143,12 @@ def test_capacity_grows_by_doubling_and_keeps_state():
 
 
 def test_full_engine_refuses_new_streams_unless_idle_ones_can_go():
-    engine = Engine(make_model(), max_streams=2, stream_ttl_seconds=100.0, warmup_events=1)
+    engine = Engine(
+        make_model(),
+        scorer=Scorer(0.9999, warmup_events=1),
+        max_streams=2,
+        stream_ttl_seconds=100.0,
+    )
     engine.step_many(make_batch(["a", "b"], [0.0, 50.0], [[1.0, 1.0]] * 2))
     refused = engine.step_many(make_batch(["c"], [60.0], [[1.0, 1.0]]))
     assert refused.outcome.tolist() == [REJECTED]
@@ -148,7 +161,9 @@ def test_full_engine_refuses_new_streams_unless_idle_ones_can_go():
 
 
 def test_a_stream_in_the_current_batch_is_never_evicted_for_a_newcomer():
-    engine = Engine(make_model(), max_streams=1, stream_ttl_seconds=10.0, warmup_events=1)
+    engine = Engine(
+        make_model(), scorer=Scorer(0.9999, warmup_events=1), max_streams=1, stream_ttl_seconds=10.0
+    )
     engine.step_many(make_batch(["a"], [0.0], [[1.0, 1.0]]))
     result = engine.step_many(make_batch(["a", "b"], [100.0, 100.0], [[1.0, 1.0]] * 2))
     assert result.outcome.tolist() == [SCORED, REJECTED]
@@ -157,12 +172,12 @@ def test_a_stream_in_the_current_batch_is_never_evicted_for_a_newcomer():
 def test_snapshot_restore_continues_exactly_where_it_left_off():
     events = random_events(3, 300, 5)
     model = make_model()
-    reference = Engine(model, warmup_events=5)
+    reference = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
     expected = run_in_batches(reference, events, 50)
 
-    first = Engine(model, warmup_events=5)
+    first = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
     head = run_in_batches(first, events.take(np.arange(150)), 50)
-    second = Engine(model, warmup_events=5)
+    second = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
     second.restore(first.snapshot())
     tail = run_in_batches(second, events.take(np.arange(150, 300)), 50)
     np.testing.assert_allclose(
@@ -179,7 +194,7 @@ def test_restore_refuses_a_snapshot_of_another_layout():
 
 
 def test_forget_frees_slots_for_reuse():
-    engine = Engine(make_model(), initial_capacity=2, warmup_events=1)
+    engine = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=1), initial_capacity=2)
     engine.step_many(make_batch(["a", "b"], [0.0, 0.0], [[1.0, 1.0]] * 2))
     engine.forget(["a"])
     engine.step_many(make_batch(["c"], [1.0], [[1.0, 1.0]]))
@@ -187,7 +202,7 @@ def test_forget_frees_slots_for_reuse():
 
 
 def test_constant_stream_then_change_stays_finite():
-    engine = Engine(make_model(), warmup_events=5)
+    engine = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=5))
     engine.step_many(make_batch(["a"] * 50, np.arange(50.0), [[5.0, 5.0]] * 50))
     result = engine.step_many(make_batch(["a"], [50.0], [[6.0, 5.0]]))
     assert math.isfinite(float(result.score[0])) and math.isfinite(float(result.error[0]))

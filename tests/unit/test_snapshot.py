@@ -5,6 +5,7 @@ import torch
 from detector.engine import Engine, Snapshot
 from detector.errors import SnapshotError
 from detector.events import EventBatch
+from detector.scoring import Scorer
 from detector.model import Forecaster, ForecasterConfig
 from detector.snapshot import load_snapshot, restore_engine, save_engine, save_snapshot
 
@@ -34,14 +35,14 @@ STREAMS = ["pump-1", "ünï/çødé \n\t\"'", "", "a" * 300, "😀", "x\x00y"]
 
 def test_round_trip_continues_scores_identically(tmp_path):
     model = make_model()
-    reference = Engine(model, warmup_events=5)
+    reference = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
     reference.step_many(events(1, 400, STREAMS))
     path = tmp_path / "ckpt" / "state.safetensors"
     saved = save_engine(path, reference, model_sha256=SHA, extra={"offsets": "{}"})
     assert saved.streams == len(STREAMS) and path.is_file()
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
-    restored = Engine(model, warmup_events=5)
+    restored = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
     loaded = restore_engine(path, restored, model_sha256=SHA)
     assert sorted(loaded.snapshot.streams) == sorted(STREAMS)
     assert loaded.metadata["offsets"] == "{}"
@@ -55,7 +56,7 @@ def test_round_trip_continues_scores_identically(tmp_path):
 
 def test_subset_of_streams(tmp_path):
     model = make_model()
-    engine = Engine(model, warmup_events=5)
+    engine = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
     engine.step_many(events(1, 200, STREAMS))
     path = tmp_path / "state.safetensors"
     save_engine(path, engine, model_sha256=SHA, streams=["pump-1", "😀", "not-held"])
@@ -63,7 +64,7 @@ def test_subset_of_streams(tmp_path):
         "pump-1",
         "😀",
     ]
-    other = Engine(model, warmup_events=5)
+    other = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
     restore_engine(path, other, model_sha256=SHA, streams=["😀"])
     assert other.snapshot().streams == ["😀"]
     assert torch.equal(other.snapshot().rows32, engine.snapshot(["😀"]).rows32)
@@ -71,7 +72,7 @@ def test_subset_of_streams(tmp_path):
 
 def test_skip_held_keeps_live_state(tmp_path):
     model = make_model()
-    engine = Engine(model, warmup_events=5)
+    engine = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
     engine.step_many(events(1, 100, ["a", "b"]))
     path = tmp_path / "state.safetensors"
     save_engine(path, engine, model_sha256=SHA)
