@@ -125,7 +125,9 @@ def main() -> None:
             file=sys.stderr,
         )
     memory = state_bytes_per_stream(model, args.memory_streams, args.batch)
-    print(f"state: {memory:,.0f} bytes per stream at {args.memory_streams:,} streams", file=sys.stderr)
+    print(
+        f"state: {memory:,.0f} bytes per stream at {args.memory_streams:,} streams", file=sys.stderr
+    )
     ratios = [e / b for e, b in zip(engine_runs, bare_runs, strict=True)]
     print(
         json.dumps(

@@ -5,9 +5,10 @@ override any field: `DETECTOR__KAFKA__BOOTSTRAP_SERVERS=broker:9092` sets
 `kafka.bootstrap_servers`; values are parsed as YAML, so `DETECTOR__TRAIN__EPOCHS=5` is an int
 and `DETECTOR__KAFKA__TOPICS='[a, b]'` a list.
 
->>> config = load_config(None, environ={"DETECTOR__TRAIN__EPOCHS": "5"})
->>> config.train.epochs, config.model.cell
-(5, 'gru')
+>>> config = load_config(None, environ={"DETECTOR__TRAIN__EPOCHS": "5",
+...                                      "DETECTOR__KAFKA__BOOTSTRAP_SERVERS": "k1:9092,k2:9092"})
+>>> config.train.epochs, config.model.cell, config.kafka.bootstrap_servers
+(5, 'gru', ['k1:9092', 'k2:9092'])
 """
 
 from __future__ import annotations
@@ -18,11 +19,29 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from detector.errors import ConfigError
 
 ENV_PREFIX = "DETECTOR__"
+
+
+def _split_commas(value: Any) -> Any:
+    """ "a:1,b:2" -> ["a:1", "b:2"], as operators write server and topic lists in env vars."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+NameList = Annotated[list[str], BeforeValidator(_split_commas)]
 
 
 class Section(BaseModel):
@@ -106,8 +125,8 @@ class ScoringConfig(Section):
 class KafkaConfig(Section):
     """Client settings keep kafka-python's spelling."""
 
-    bootstrap_servers: list[str] = Field(default_factory=lambda: ["127.0.0.1:9092"])
-    topics: list[str] = Field(default_factory=lambda: ["events"])
+    bootstrap_servers: NameList = Field(default_factory=lambda: ["127.0.0.1:9092"])
+    topics: NameList = Field(default_factory=lambda: ["events"])
     alerts_topic: str = "alerts"
     dead_letter_topic: str = "events-dead-letter"
     group_id: str = "detector"
@@ -210,4 +229,6 @@ def load_config(path: str | Path | None, environ: Mapping[str, str] | None = Non
         return Config.model_validate(merged)
     except ValidationError as exc:
         origin = str(path) if path is not None else "config"
-        raise ConfigError(f"{origin}: {exc.error_count()} invalid field(s)\n{_describe(exc)}") from exc
+        raise ConfigError(
+            f"{origin}: {exc.error_count()} invalid field(s)\n{_describe(exc)}"
+        ) from exc

@@ -754,10 +754,11 @@ def evaluate_synthetic(
     """Replay a `synthetic.Dataset` in delivery order and score it per anomaly kind.
 
     Per kind, over scored events: ROC AUC of the calibrated probability (that kind's events
-    against normal ones: it ranks every event, where the score only marks news), event-level precision, recall and F1 of the engine's alerts at the configured
-    threshold (false positives are alerts on normal events), and per episode: how many were
-    caught (an alert on one of its labelled events) and the mean delay in events from its
-    first labelled event to that alert. Episode precision counts runs of consecutive alerts
+    against normal ones: it ranks every event, where the score only marks news), event-level
+    precision, recall and F1 of the engine's alerts at the configured threshold (false
+    positives are alerts on normal events), and per episode: how many were caught (an alert on
+    one of its labelled events) and the mean delay in events from its first labelled event to
+    that alert. Episode precision counts runs of consecutive alerts
     of a stream: a run is true when it touches a labelled event.
     """
     import torch

@@ -87,7 +87,7 @@ class Forecaster(nn.Module):
     def forward(
         self, x: torch.Tensor, attrs: torch.Tensor | None = None, state: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run sequences: x (B, T, F), attrs (B, T, A) -> mean, logvar (B, T, F) and the final state.
+        """Run sequences x (B, T, F), attrs (B, T, A) -> mean, logvar (B, T, F), final state.
 
         Output t is the forecast of step t + 1, made after seeing steps 0..t.
         """
@@ -111,7 +111,7 @@ class Forecaster(nn.Module):
     def step(
         self, x: torch.Tensor, attrs: torch.Tensor | None, state: torch.Tensor
     ) -> torch.Tensor:
-        """Advance streaming states (B, L, S) by one observation x (B, F); returns the new states."""
+        """Advance streaming states (B, L, S) by one observation x (B, F): the new states."""
         layer_input = self._inputs(x, attrs)  # (B, I)
         hidden = self.config.hidden_size
         new_layers = []

@@ -178,7 +178,9 @@ def fit(
                 x = z[idx, begin:end]
                 target = z[idx, begin + 1 : end + 1]
                 mask = train_mask[idx, begin:end]
-                mean, logvar, state = model(x, attrs[idx, begin:end] if history.attrs else None, state)
+                mean, logvar, state = model(
+                    x, attrs[idx, begin:end] if history.attrs else None, state
+                )
                 state = state.detach()
                 if not mask.any():
                     continue
@@ -229,9 +231,9 @@ def _calibrate(model, z, attrs, val_mask) -> Calibration:
     mean, logvar, target = _forecast(model, z, attrs)
     residuals = (target - mean) * torch.exp(-0.5 * logvar)  # (S, T-1, F)
     picked = residuals[val_mask[:, :-1]]  # (N, F)
-    _, s = surprise(picked)
-    s = s.double()
-    quantiles = torch.quantile(s[: 1 << 24], torch.tensor(QUANTILES, dtype=torch.float64))
+    s = surprise(picked.square().mean(dim=1).double().numpy())
     return Calibration(
-        mean=float(s.mean()), var=float(s.var()), quantiles=tuple(float(q) for q in quantiles)
+        mean=float(s.mean()),
+        var=float(s.var(ddof=1)),
+        quantiles=tuple(float(q) for q in np.quantile(s, QUANTILES)),
     )

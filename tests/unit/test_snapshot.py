@@ -5,8 +5,8 @@ import torch
 from detector.engine import Engine, Snapshot
 from detector.errors import SnapshotError
 from detector.events import EventBatch
-from detector.scoring import Scorer
 from detector.model import Forecaster, ForecasterConfig
+from detector.scoring import Scorer
 from detector.snapshot import load_snapshot, restore_engine, save_engine, save_snapshot
 
 SHA = "0" * 64
