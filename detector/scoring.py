@@ -55,6 +55,7 @@ from detector.normalization import Z_CLIP, normalise, scale, update
 PRIOR_WEIGHT = 20.0  # events' worth of trust in the model's validation statistics
 WINSOR_Z = 3.0  # long statistics see at most mean + 3 sd of surprise from any one event
 REPEAT_PRIOR = 0.05  # prior rate of exactly repeated values
+STUCK_RATE_MAX = 0.1  # a feature that repeats more often than this cannot look "stuck"
 REPEAT_FLOOR = 1e-3  # a run's probability is never judged below this rate per step
 TAIL_Z = 2.0  # where a window's tail starts, in sd
 TAIL_RATE_PRIOR = 0.0228  # Gaussian P(z > 2)
@@ -62,7 +63,8 @@ TAIL_EXCESS_PRIOR = 0.37  # Gaussian E[z - 2 | z > 2]
 TAIL_EXCESS_MIN, TAIL_EXCESS_MAX = 0.2, 20.0
 TAIL_PRIOR = 10.0  # exceedances' worth of trust in the Gaussian tail prior
 LOG_P_MIN = 60.0  # tail probabilities below e^-60 are all "certainly anomalous"
-NEWS_MARGIN = 0.5  # sd by which an event must beat the recent peak to be news
+STUCK_LOG_P_MIN = 15.0  # a stuck run is never more improbable than e^-15 (z ~ 5.2)
+NEWS_MARGIN = 0.5  # at the z cap, the recent peak must be this far below it for news
 Z_MAX = 8.0  # z-scores are capped here: 1 - Phi(8) ~ 6e-16 is still a distinct float64
 
 
@@ -267,15 +269,20 @@ def _score_wave(
         for j in range(f):
             run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
             excess = max(run - row[longest_at + j], 0.0)
-            log_stuck = min(log_stuck, excess * math.log(max(row[repeat_at + j], REPEAT_FLOOR)))
+            if row[repeat_at + j] < STUCK_RATE_MAX:  # only where exact repeats are rare
+                log_stuck = min(log_stuck, excess * math.log(max(row[repeat_at + j], REPEAT_FLOOR)))
 
+        # A run only says "unusually flat", never "certainly anomalous": it is capped below the
+        # evidence that forecast errors can give.
+        log_stuck = max(log_stuck, -STUCK_LOG_P_MIN)
         log_p = max(min(log_tail, log_stuck), -LOG_P_MIN)
         zed = max(_z_of_log_tail(log_p), z_body) if log_p < 0.0 else z_body
         zed = min(max(zed, -Z_MAX), Z_MAX)
         is_warm = count < warmup
         prob = 0.0 if is_warm else _ndtr(zed)
         peak = TAIL_Z + (row[peak_at] - TAIL_Z) * novelty_decay
-        news = zed > peak + NEWS_MARGIN
+        # Beating the recent peak is news; at the z cap, only after the peak has come down.
+        news = zed > peak and (zed < Z_MAX or peak < Z_MAX - NEWS_MARGIN)
         probability[i] = prob
         score[i] = prob if (news or is_warm) else _ndtr(min(zed, TAIL_Z))
         warm[i] = is_warm
@@ -318,7 +325,10 @@ def _score_wave(
                 repeated = x[i, j] == row[last_at + j]
                 run = row[run_at + j] + 1.0 if repeated else 0.0
                 row[repeat_at + j] += alpha * ((1.0 if repeated else 0.0) - row[repeat_at + j])
-                row[longest_at + j] = max(row[longest_at + j] * (1.0 - long_alpha), run)
+                # The longest recent run learns from runs that have ended, so that a run in
+                # progress is judged against what came before it.
+                ended = 0.0 if repeated else row[run_at + j]
+                row[longest_at + j] = max(row[longest_at + j] * (1.0 - long_alpha), ended)
                 row[run_at + j] = run
         else:
             for j in range(f):

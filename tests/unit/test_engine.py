@@ -207,3 +207,21 @@ def test_constant_stream_then_change_stays_finite():
     result = engine.step_many(make_batch(["a"], [50.0], [[6.0, 5.0]]))
     assert math.isfinite(float(result.score[0])) and math.isfinite(float(result.error[0]))
     assert result.score[0] > 0.9999
+
+
+def test_a_stuck_sensor_is_flagged_and_blamed_but_a_quantised_one_is_not():
+    engine = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=20))
+    rng = np.random.default_rng(5)
+    noisy = 10.0 + rng.standard_normal((400, 2))
+    noisy[:, 1] = np.round(noisy[:, 1])  # feature 1 repeats often: runs are normal for it
+    engine.step_many(make_batch(["a"] * 400, np.arange(400.0), noisy))
+    stuck = np.column_stack([np.full(30, noisy[-1, 0]), 10.0 + rng.standard_normal(30)])
+    result = engine.step_many(make_batch(["a"] * 30, np.arange(400.0, 430.0), stuck))
+    assert result.probability[-1] > 0.9999
+    assert result.contributions[-1, 0] > 0.99  # the stuck feature is to blame
+
+    quantised = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=20))
+    steps = np.column_stack([np.round(noisy[:, 1]), np.round(noisy[:, 1])])
+    quantised.step_many(make_batch(["q"] * 400, np.arange(400.0), steps))
+    flat = quantised.step_many(make_batch(["q"] * 5, np.arange(400.0, 405.0), [[10.0, 10.0]] * 5))
+    assert flat.probability.max() < 0.9999
