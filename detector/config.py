@@ -115,7 +115,8 @@ class ScoringConfig(Section):
     novelty_window: float = Field(
         default=200.0,
         ge=1,
-        description="events after a surprise during which no lesser one scores or alerts again",
+        description="an event scores (and alerts) only if more surprising than any in this many "
+        "events before it",
     )
     norm_window: float = Field(
         default=2000.0, ge=10, description="events that define a stream's normal value range"

@@ -20,9 +20,14 @@
    has become the stream's normal; the engine keeps anomalous values out of the value
    normalisation (river's `protect_anomaly_detector`).
 6. Score = the probability, but only where this event is *news*: more surprising than anything
-   the stream showed within about `novelty_window` events (a peak z that decays). An episode
-   gives one high score at its onset, and again only if it gets worse, rather than a run of them;
-   alerts (and NAB detections) follow the score, so an ongoing anomaly does not page every event.
+   the stream showed within the last `novelty_window` events. The recent maximum is kept as two
+   block maxima (the current block of novelty_window / 2 events and the one before), so it spans
+   between half and all of the window in two floats, and then forgets completely. (A peak that
+   decays every event lets an ongoing episode at a constant level re-qualify as news once the
+   peak has decayed below it; measured on NAB, the block maxima scored 56.5 where the decaying
+   peak scored 49.8.) An episode gives one high score at its onset, and again only if it gets
+   worse; alerts (and NAB detections) follow the score, so an ongoing anomaly does not page
+   every event.
 
 The statistics live in the engine's float32 slab, one row per stream; `score_wave` steps a wave
 of events (distinct streams) in one compiled pass that reads and writes those rows in place:
@@ -64,7 +69,6 @@ TAIL_EXCESS_MIN, TAIL_EXCESS_MAX = 0.2, 20.0
 TAIL_PRIOR = 10.0  # exceedances' worth of trust in the Gaussian tail prior
 LOG_P_MIN = 60.0  # tail probabilities below e^-60 are all "certainly anomalous"
 STUCK_LOG_P_MIN = 15.0  # a stuck run is never more improbable than e^-15 (z ~ 5.2)
-NEWS_MARGIN = 0.5  # at the z cap, the recent peak must be this far below it for news
 Z_MAX = 8.0  # z-scores are capped here: 1 - Phi(8) ~ 6e-16 is still a distinct float64
 
 
@@ -104,7 +108,8 @@ def surprise(error: np.ndarray) -> np.ndarray:
 class Scorer:
     """The scoring parameters and the layout of a stream's statistics row (float32):
 
-    [count | value mean (F) | value variance (F) | surprise mean | recent peak z |
+    [count | value mean (F) | value variance (F) | surprise mean | peak z of this block |
+     peak z of the last block |
      window averages (W) | their variances (W) | tail rates (W) | tail excesses (W) |
      last value (F) | repeat run (F) | repeat rate (F) | longest recent run (F)]
     """
@@ -127,14 +132,15 @@ class Scorer:
         self.windows = tuple(float(w) for w in windows)
         self.long_window = long_window
         self.calibration = calibration or Calibration()
-        self.novelty_window = novelty_window
+        self.novelty_block = max(1.0, round(novelty_window / 2.0))
+        self.novelty_memory = novelty_window >= 2.0  # below that, every event is judged alone
         self.warmup_events = warmup_events
         self.cooldown_seconds = cooldown_seconds
         self.norm_window = norm_window
         self._alphas = np.array([1.0 / w for w in self.windows])
 
     def width(self, n_features: int) -> int:
-        return 3 + 4 * len(self.windows) + 6 * n_features
+        return 4 + 4 * len(self.windows) + 6 * n_features
 
     def initial_row(self, n_features: int) -> np.ndarray:
         """A new stream's statistics: no values seen, surprise at the calibration prior."""
@@ -143,7 +149,7 @@ class Scorer:
             [
                 [0.0],  # count
                 np.zeros(2 * f),  # value mean and variance
-                [prior.mean, TAIL_Z],  # normal surprise, recent peak z
+                [prior.mean, TAIL_Z, TAIL_Z],  # normal surprise, recent peaks of z
                 np.full(w, prior.mean),  # window averages
                 prior.var * a / (2.0 - a),  # their variances: EW average of independent values
                 np.full(w, TAIL_RATE_PRIOR),
@@ -181,7 +187,7 @@ class Scorer:
         )
         _score_wave(
             slots, x, ts, forecast, logvar, stats, clocks, self._alphas,
-            self.threshold, 1.0 / self.long_window, 1.0 - 1.0 / self.novelty_window,
+            self.threshold, 1.0 / self.long_window, self.novelty_block, self.novelty_memory,
             float(self.warmup_events), self.cooldown_seconds, self.norm_window,
             out.score, out.probability, out.alert, out.warm, out.model_input, out.details,
         )  # fmt: skip
@@ -218,13 +224,13 @@ def _z_of_log_tail(log_p: float) -> float:
 @numba.njit(cache=True)
 def _score_wave(
     slots, x, ts, forecast, logvar, stats, clocks, alphas,
-    threshold, long_alpha, novelty_decay, warmup, cooldown, norm_window,
+    threshold, long_alpha, novelty_block, novelty_memory, warmup, cooldown, norm_window,
     score, probability, alert, warm, model_input, details,
 ):  # fmt: skip
     b, f = x.shape
     w = alphas.shape[0]
-    mean_at, var_at, s_at, peak_at = 1, 1 + f, 1 + 2 * f, 2 + 2 * f
-    avg_at = 3 + 2 * f
+    mean_at, var_at, s_at, peak_at, last_peak_at = 1, 1 + f, 1 + 2 * f, 2 + 2 * f, 3 + 2 * f
+    avg_at = 4 + 2 * f
     wvar_at, rate_at, excess_at = avg_at + w, avg_at + 2 * w, avg_at + 3 * w
     last_at = avg_at + 4 * w
     run_at, repeat_at, longest_at = last_at + f, last_at + 2 * f, last_at + 3 * f
@@ -280,9 +286,11 @@ def _score_wave(
         zed = min(max(zed, -Z_MAX), Z_MAX)
         is_warm = count < warmup
         prob = 0.0 if is_warm else _ndtr(zed)
-        peak = TAIL_Z + (row[peak_at] - TAIL_Z) * novelty_decay
-        # Beating the recent peak is news; at the z cap, only after the peak has come down.
-        news = zed > peak and (zed < Z_MAX or peak < Z_MAX - NEWS_MARGIN)
+        peak, last_peak = row[peak_at], row[last_peak_at]
+        if count % novelty_block == 0:  # a new block: this block's peak becomes the last's
+            last_peak = peak if novelty_memory else TAIL_Z
+            peak = TAIL_Z
+        news = zed > max(peak, last_peak)  # strictly: a run at the z cap is not news
         probability[i] = prob
         score[i] = prob if (news or is_warm) else _ndtr(min(zed, TAIL_Z))
         warm[i] = is_warm
@@ -305,6 +313,7 @@ def _score_wave(
         if count >= 2:
             alpha = max(1.0 / (count + PRIOR_WEIGHT + 1.0), long_alpha)
             row[peak_at] = max(peak, zed)
+            row[last_peak_at] = last_peak
             new_normal = normal + alpha * (capped - normal)
             row[s_at] = new_normal
             for k in range(w):
