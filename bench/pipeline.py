@@ -1,0 +1,308 @@
+"""End-to-end worker throughput and event->alert latency through the embedded broker.
+
+    .venv/bin/python bench/pipeline.py [--records 400000] [--streams 100000] [--partitions 4]
+
+1. Throughput. A topic is preloaded with `--records` events of `--streams` streams (4 features,
+   keyed by stream id), then read twice in the same run: by a bare kafka-python consumer doing
+   only `json.loads` per record (the client's ceiling), and by the real `Worker` (consumer group,
+   decode and validation, engine step with a hidden-64 GRU over 100,000 streams' state, alerts and
+   dead letters produced and acknowledged, offsets committed every batch). Rates count records
+   from the first one received to the last one done (group join excluded).
+2. Latency. A separate producer process sends events at half the worker's measured rate for
+   `--latency-seconds`; 1% of them are spikes that alert. Latency is the time from an event's
+   send (its `ts`) to its alert arriving at a consumer of the alerts topic.
+
+The model has random weights: throughput does not depend on what it learned, and a 1000x spike
+alerts under any weights. The last line is JSON: events_per_s, bare_consume_per_s, ratio,
+p50_ms, p99_ms and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+
+FEATURES = ["temperature", "pressure", "vibration", "power"]
+HIDDEN = 64
+
+
+def make_model(directory: Path) -> Path:
+    from detector.artifact import save_artifact
+    from detector.model import Forecaster, ForecasterConfig
+
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_features=len(FEATURES), hidden_size=HIDDEN))
+    return save_artifact(directory, model.eval(), features=FEATURES, version="bench-random")
+
+
+def event_bytes(stream: int, ts: float, rng: np.random.Generator, spike: bool = False) -> bytes:
+    values = 50.0 + rng.standard_normal(4)
+    if spike:
+        values[0] *= 1000.0
+    return orjson.dumps(
+        {
+            "stream": f"stream-{stream:06d}",
+            "ts": ts,
+            "values": dict(zip(FEATURES, values.round(4).tolist(), strict=True)),
+        }
+    )
+
+
+def preload(bootstrap: str, topic: str, records: int, streams: int) -> float:
+    from kafka import KafkaProducer
+
+    rng = np.random.default_rng(1)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, batch_size=512 * 1024, acks=1
+    )
+    started = time.perf_counter()
+    ids = rng.integers(0, streams, records)
+    ids[:streams] = np.arange(streams)  # every stream appears
+    base = time.time() - 3600
+    for i, s in enumerate(ids.tolist()):
+        producer.send(
+            topic,
+            key=f"stream-{s:06d}".encode(),
+            value=event_bytes(s, base + i * 1e-3, rng),
+        )
+    producer.flush(120)
+    producer.close()
+    return time.perf_counter() - started
+
+
+def bare_consume(bootstrap: str, topic: str, partitions: int, records: int) -> float:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=4096,
+        max_partition_fetch_bytes=4 << 20,
+    )
+    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+    loads = json.loads
+    count = 0
+    first = None
+    while count < records:
+        for batch in consumer.poll(timeout_ms=500, max_records=4096).values():
+            if first is None:
+                first = time.perf_counter()
+            for record in batch:
+                loads(record.value)
+            count += len(batch)
+    elapsed = time.perf_counter() - (first or time.perf_counter())
+    consumer.close()
+    return count / elapsed
+
+
+def worker_config(bootstrap: str, topic: str, state: Path, max_wait_ms: int):
+    from detector.config import load_config
+
+    tag = uuid.uuid4().hex[:6]
+    return load_config(
+        None,
+        environ={
+            "DETECTOR__KAFKA__BOOTSTRAP_SERVERS": f"[{bootstrap}]",
+            "DETECTOR__KAFKA__TOPICS": f"[{topic}]",
+            "DETECTOR__KAFKA__ALERTS_TOPIC": "bench-alerts",
+            "DETECTOR__KAFKA__DEAD_LETTER_TOPIC": "bench-dead",
+            "DETECTOR__KAFKA__GROUP_ID": f"bench-{tag}",
+            "DETECTOR__KAFKA__SESSION_TIMEOUT_MS": "6000",
+            "DETECTOR__KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+            "DETECTOR__KAFKA__MAX_WAIT_MS": str(max_wait_ms),
+            "DETECTOR__SCORING__WARMUP_EVENTS": "2",
+            # A random model's scores are not calibrated: only the injected 1000x spikes
+            # (score 1.0) should alert, as in production where alerts are rare.
+            "DETECTOR__SCORING__THRESHOLD": "0.999999",
+            "DETECTOR__CHECKPOINT__DIR": str(state),
+            "DETECTOR__CHECKPOINT__INTERVAL_SECONDS": "3600",
+            "DETECTOR__ENGINE__INITIAL_CAPACITY": "131072",
+        },
+    )
+
+
+def steady_producer(bootstrap: str, topic: str, rate: float, seconds: float, streams: int) -> None:
+    from kafka import KafkaProducer
+
+    rng = np.random.default_rng(2)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, acks=1)
+    started = time.time()
+    total = int(rate * seconds)
+    chunk = max(1, int(rate / 200))  # send in 5 ms slices
+    i = 0
+    while i < total:
+        target = started + i / rate
+        delay = target - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        for _ in range(min(chunk, total - i)):
+            s = int(rng.integers(0, streams))
+            now = time.time()
+            producer.send(
+                topic,
+                key=f"stream-{s:06d}".encode(),
+                value=event_bytes(s, now, rng, spike=rng.random() < 0.01),
+            )
+            i += 1
+    producer.flush(30)
+    producer.close()
+
+
+def warm_up(worker) -> None:
+    """Step a throwaway batch first, so one-time compilation is not counted as throughput."""
+    from detector.events import EventBatch
+
+    n = 64
+    batch = EventBatch(
+        [f"warm-up-{i % 8}" for i in range(n)],
+        np.arange(n, dtype=np.float64),
+        np.ones((n, len(FEATURES)), dtype=np.float32),
+        np.zeros((n, 0), dtype=np.int64),
+    )
+    worker.engine.step_many(batch)
+    worker.engine.forget(batch.streams)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=400_000)
+    parser.add_argument("--streams", type=int, default=100_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--max-wait-ms", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from kafka import KafkaConsumer, TopicPartition
+
+    from detector.artifact import load_artifact
+    from detector.broker import EmbeddedBroker
+    from detector.worker import Worker
+
+    work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    model = load_artifact(make_model(work / "model"))
+    with EmbeddedBroker() as broker:
+        bootstrap = broker.bootstrap_servers
+        topic = "bench-events"
+        broker.create_topics([topic, "bench-alerts"], partitions=args.partitions)
+        broker.create_topics(["bench-dead"], partitions=1)
+        seconds = preload(bootstrap, topic, args.records, args.streams)
+        print(f"preloaded {args.records} records in {seconds:.1f} s", file=sys.stderr)
+
+        bare = bare_consume(bootstrap, topic, args.partitions, args.records)
+        print(f"bare kafka-python consumer + json.loads: {bare:,.0f} records/s", file=sys.stderr)
+
+        config = worker_config(bootstrap, topic, work / "state", args.max_wait_ms)
+        worker = Worker(config, model, serve_http=False, install_signals=False)
+        warm_up(worker)
+        summary = worker.run(max_records=args.records)
+        active = (summary.last_batch or 0.0) - (summary.first_data or 0.0)
+        rate = summary.records / active
+        print(
+            f"worker: {rate:,.0f} records/s ({summary.records} records, {summary.alerts} alerts, "
+            f"{worker.engine.active_streams} streams, {active:.1f} s; "
+            f"{rate / bare:.0%} of the bare consumer)",
+            file=sys.stderr,
+        )
+
+        # ---- latency at half the measured rate -------------------------------------------
+        target = rate / 2
+        latencies: list[float] = []
+        stop = threading.Event()
+
+        phase_start = time.time()
+
+        def watch() -> None:
+            consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+            parts = [TopicPartition("bench-alerts", p) for p in range(args.partitions)]
+            consumer.assign(parts)
+            consumer.seek_to_end()
+            consumer.poll(timeout_ms=0)
+            ready.set()
+            while not stop.is_set():
+                for batch in consumer.poll(timeout_ms=50).values():
+                    now = time.time()
+                    for record in batch:
+                        alert = orjson.loads(record.value)
+                        sent = float(np.datetime64(alert["ts"].rstrip("Z"), "ms").astype(float))
+                        sent /= 1000.0
+                        # tansu's seek_to_end lands up to a batch early: skip older alerts.
+                        if sent >= phase_start:
+                            latencies.append(now - sent)
+            consumer.close()
+
+        ready = threading.Event()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        ready.wait(30)
+        latency_worker = Worker(
+            worker_config(bootstrap, topic, work / "state2", args.max_wait_ms).model_copy(
+                update={"kafka": config.kafka}  # same group: continue where the first one ended
+            ),
+            model,
+            serve_http=False,
+            install_signals=False,
+        )
+        latency_worker.engine = worker.engine  # warm: the 100,000 streams' state
+        runner = threading.Thread(
+            target=latency_worker.run, kwargs={"duration": args.latency_seconds + 15}
+        )
+        runner.start()
+        time.sleep(4.0)  # group join
+        producer = multiprocessing.get_context("spawn").Process(
+            target=steady_producer,
+            args=(bootstrap, topic, target, args.latency_seconds, args.streams),
+        )
+        producer.start()
+        producer.join()
+        time.sleep(2.0)
+        latency_worker.stop()
+        runner.join(30)
+        stop.set()
+        watcher.join(5)
+
+    lat = np.array(latencies) * 1000.0
+    p50 = float(np.percentile(lat, 50)) if lat.size else None
+    p99 = float(np.percentile(lat, 99)) if lat.size else None
+    print(
+        f"latency at {target:,.0f} events/s: {lat.size} alerts, p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+        if lat.size
+        else "latency: no alerts seen",
+        file=sys.stderr,
+    )
+    result = {
+        "events_per_s": round(rate),
+        "bare_consume_per_s": round(bare),
+        "ratio": round(rate / bare, 3),
+        "p50_ms": None if p50 is None else round(p50, 1),
+        "p99_ms": None if p99 is None else round(p99, 1),
+        "latency_load_per_s": round(target),
+        "latency_alerts": int(lat.size),
+        "records": args.records,
+        "streams": args.streams,
+        "partitions": args.partitions,
+        "hidden": HIDDEN,
+        "features": len(FEATURES),
+        "max_wait_ms": args.max_wait_ms,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
