@@ -221,7 +221,7 @@ def _z_of_log_tail(log_p: float) -> float:
     return z + error * math.sqrt(2.0 * math.pi) * math.exp(0.5 * z * z)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _score_wave(
     slots, x, ts, forecast, logvar, stats, clocks, alphas,
     threshold, long_alpha, novelty_block, novelty_memory, warmup, cooldown, norm_window,
@@ -234,7 +234,7 @@ def _score_wave(
     wvar_at, rate_at, excess_at = avg_at + w, avg_at + 2 * w, avg_at + 3 * w
     last_at = avg_at + 4 * w
     run_at, repeat_at, longest_at = last_at + f, last_at + 2 * f, last_at + 3 * f
-    for i in range(b):
+    for i in numba.prange(b):  # the streams of a wave are distinct: rows never collide
         row = stats[slots[i]]
         count = row[0]
 
