@@ -32,15 +32,7 @@ def _config(args: argparse.Namespace) -> Config:
 def _schema(config: Config, features: list[str], attrs: list[str]):
     from detector.events import Schema
 
-    data = config.data
-    return Schema(
-        features=tuple(features),
-        attrs=tuple(attrs),
-        fill=dict(data.fill),
-        stream_field=data.stream_field,
-        time_field=data.time_field,
-        max_record_bytes=data.max_record_bytes,
-    )
+    return Schema.from_config(config.data, features, attrs)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -112,6 +112,18 @@ class Schema:
     time_field: str = "ts"
     max_record_bytes: int = 65536
 
+    @classmethod
+    def from_config(cls, data, features: Sequence[str], attrs: Sequence[str] = ()) -> Schema:
+        """From a `detector.config.DataConfig` and the model's features and attrs."""
+        return cls(
+            features=tuple(features),
+            attrs=tuple(attrs),
+            fill=dict(data.fill),
+            stream_field=data.stream_field,
+            time_field=data.time_field,
+            max_record_bytes=data.max_record_bytes,
+        )
+
     def decode(self, raw: bytes) -> Event:
         if len(raw) > self.max_record_bytes:
             raise InvalidRecord(

@@ -54,15 +54,7 @@ BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 
 
 def schema_for(config: Config, artifact: Artifact) -> Schema:
-    data = config.data
-    return Schema(
-        features=tuple(artifact.features),
-        attrs=tuple(artifact.attrs),
-        fill=dict(data.fill),
-        stream_field=data.stream_field,
-        time_field=data.time_field,
-        max_record_bytes=data.max_record_bytes,
-    )
+    return Schema.from_config(config.data, artifact.features, artifact.attrs)
 
 
 @dataclass
