@@ -311,7 +311,7 @@ class Engine:
                 f"snapshot rows hold {snapshot.rows32.shape[1]} floats, this engine's "
                 f"{self.width32}: it was taken with another model layout"
             )
-        slots = []
+        slots: list[int] = []
         for stream in snapshot.streams:
             slot = self._slots.get(stream)
             if slot is None:

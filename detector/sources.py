@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 
+import orjson
+
 from detector.errors import InputError, InvalidRecord
 from detector.events import DeadLetter, Event, Position, Schema
 
@@ -42,6 +44,33 @@ class Chunk:
 
     def __len__(self) -> int:
         return len(self.events) + len(self.invalid)
+
+
+def first_record(path: str | PathLike[str]) -> dict | None:
+    """The first record of a file as a mapping (a CSV row by column, or the JSON object), or None
+    for a file without records: for looking at a file's fields before choosing a schema."""
+    source = Path(path)
+    kind = FORMATS.get(source.suffix.lower())
+    if kind is None:
+        supported = ", ".join(FORMATS)
+        raise InputError(f"{source}: unknown file type {source.suffix!r}; supported: {supported}")
+    if not source.is_file():
+        raise InputError(f"{source}: no such file")
+    with source.open("rb") as handle:
+        lines = [
+            line.removeprefix(_BOM).strip() for line, _ in zip(handle, range(1000), strict=False)
+        ]
+    lines = [line for line in lines if line][:2]
+    try:
+        if kind == "csv":
+            if len(lines) < 2:
+                return None
+            names, row = csv.reader([line.decode("utf-8") for line in lines])
+            return dict(zip((name.strip() for name in names), row, strict=False))
+        record = orjson.loads(lines[0]) if lines else None
+    except (UnicodeDecodeError, orjson.JSONDecodeError, ValueError) as exc:
+        raise InputError(f"{source}: cannot read its first record ({exc})") from exc
+    return record if isinstance(record, dict) else None
 
 
 class FileSource:

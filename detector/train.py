@@ -29,7 +29,7 @@ from detector.errors import InputError
 from detector.events import Schema, hash_attr
 from detector.model import Forecaster, ForecasterConfig
 from detector.scoring import Calibration, surprise
-from detector.sources import FileSource
+from detector.sources import FileSource, first_record
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999, 0.9999)
 
@@ -59,12 +59,11 @@ class FitResult:
 
 def infer_features(path: Path, schema: Schema) -> list[str]:
     """Numeric feature names from a file's first record: CSV columns or JSON `values` keys."""
-    from detector.sources import first_record  # one reader of file formats: sources.py
-
     record = first_record(path)
     if record is None:
         raise InputError(f"{path}: no records to infer features from; pass --features")
-    values = record.get("values") if isinstance(record.get("values"), dict) else record
+    nested = record.get("values")
+    values: dict = nested if isinstance(nested, dict) else record
     skip = {schema.stream_field, schema.time_field, "attrs", *schema.attrs}
     names = []
     for key, value in values.items():

@@ -500,9 +500,9 @@ class Worker:
         next_offsets: dict[TopicPartition, int] = {}
         offsets = self.summary.offsets
         records = 0
-        for tp, batch in polled.items():
+        for tp, polled_records in polled.items():
             append_event, append_kept = events.append, kept.append
-            for rec in batch:
+            for rec in polled_records:
                 value = rec.value
                 try:
                     append_event(decode(value if value is not None else b""))
@@ -513,14 +513,14 @@ class Worker:
                             exc, Position(rec.topic, rec.partition, rec.offset), value or b""
                         )
                     )
-            records += len(batch)
-            next_offsets[tp] = batch[-1].offset + 1
+            records += len(polled_records)
+            next_offsets[tp] = polled_records[-1].offset + 1
             key = f"{tp.topic}[{tp.partition}]"
             span = offsets.get(key)
             if span is None:
-                offsets[key] = [batch[0].offset, batch[-1].offset + 1]
+                offsets[key] = [polled_records[0].offset, polled_records[-1].offset + 1]
             else:
-                span[1] = batch[-1].offset + 1
+                span[1] = polled_records[-1].offset + 1
 
         batch = EventBatch.from_events(events, self.engine.n_features, self.attr_buckets)
         result = self.engine.step_many(batch)

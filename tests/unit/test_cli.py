@@ -201,3 +201,23 @@ def test_train_writes_a_verified_artifact_with_calibration(tmp_path, capsys):
     run(["train", "--input", history, "--output", again, "--features", "a,b", "--epochs", "2",
          "--seed", "3"], capsys)  # fmt: skip
     assert load_artifact(again).manifest["weights"]["sha256"] == manifest["weights"]["sha256"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_train_without_features_takes_every_numeric_field(tmp_path, capsys, suffix):
+    rows = random_rows(6, 3, 120)
+    history = tmp_path / f"history{suffix}"
+    if suffix == ".csv":
+        write_csv(history, rows)
+    else:
+        history.write_text(
+            "".join(
+                json.dumps({"stream": s, "ts": int(t), "values": {"a": float(a), "b": float(b)}})
+                + "\n"
+                for s, t, a, b in rows
+            )
+        )
+    out = tmp_path / "model"
+    code, _, stderr = run(["train", "--input", history, "--output", out, "--epochs", "1"], capsys)
+    assert code == 0, stderr
+    assert load_artifact(out).features == ["a", "b"]
