@@ -280,6 +280,9 @@ def _start_worker(pipe: Pipeline, bootstrap: str, workdir: Path, run_seconds: fl
         "DETECTOR__KAFKA__SESSION_TIMEOUT_MS": "6000",
         "DETECTOR__KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
         "DETECTOR__KAFKA__MAX_WAIT_MS": "100",
+        # A stuck sensor gets worse every event, and each worsening is news: page once per ~50
+        # events of a stream (the demo's event times run at wall-clock pace).
+        "DETECTOR__SCORING__COOLDOWN_SECONDS": "5",
         "DETECTOR__METRICS__HOST": "127.0.0.1",
         "DETECTOR__METRICS__PORT": str(pipe.metrics_port),
         "DETECTOR__CHECKPOINT__DIR": str(workdir / "state" / pipe.name),
