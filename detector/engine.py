@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import repeat
 
+import numba
 import numpy as np
 import torch
 
@@ -40,6 +40,7 @@ from detector.allocator import keep_freed_memory
 from detector.events import EventBatch
 from detector.model import Forecaster
 from detector.scoring import Calibration, Scorer, WaveResult
+from detector.slots import SlotTable
 
 SCORED, WARMUP, REJECTED = 0, 1, 2
 OUTCOMES = ("scored", "warmup", "rejected")  # indexed by the codes above
@@ -84,6 +85,23 @@ class Snapshot:
     rows64: torch.Tensor  # (S, 2): last event time, cooldown end
 
 
+@numba.njit(cache=True)
+def _wave_ranks(slots: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Each row's position among its stream's rows in the batch (-1 where refused); `seen` is
+    scratch indexed by slot, zero on entry and on exit."""
+    rank = np.empty(len(slots), dtype=np.int64)
+    for i in range(len(slots)):
+        if slots[i] < 0:
+            rank[i] = -1
+        else:
+            rank[i] = seen[slots[i]]
+            seen[slots[i]] += 1
+    for i in range(len(slots)):
+        if slots[i] >= 0:
+            seen[slots[i]] = 0
+    return rank
+
+
 class Engine:
     def __init__(
         self,
@@ -113,9 +131,8 @@ class Engine:
         self._hidden = torch.zeros(capacity, self._hidden_width)
         self._stats = np.zeros((capacity, len(self._initial_row)), dtype=np.float32)
         self._clocks = np.zeros((capacity, CLOCKS), dtype=np.float64)
-        self._slots: dict[str, int] = {}
-        self._ids: list[str | None] = []  # slot -> stream id; None where free
-        self._free: list[int] = []
+        self._table = SlotTable(2 * capacity)
+        self._seen = np.zeros(capacity, dtype=np.int32)  # scratch for _wave_ranks
 
     @classmethod
     def from_config(cls, model: Forecaster, config, calibration: Calibration) -> Engine:
@@ -141,7 +158,7 @@ class Engine:
 
     @property
     def active_streams(self) -> int:
-        return len(self._slots)
+        return len(self._table)
 
     @property
     def capacity(self) -> int:
@@ -166,49 +183,39 @@ class Engine:
 
         `busy` holds the slots the current batch already uses (-1 where none): never evicted.
         """
-        if len(self._slots) >= self.max_streams and not self.evict_idle(
+        if len(self._table) >= self.max_streams and not self.evict_idle(
             now, keep=[s for s in busy if s >= 0]
         ):
             return -1
-        if self._free:
-            slot = self._free.pop()
-        else:
-            slot = len(self._ids)
-            if slot >= self.capacity:
-                self._grow()
-            self._ids.append(None)
-        self._slots[stream] = slot
-        self._ids[slot] = stream
+        slot = self._table.add(stream)
+        if slot >= self.capacity:
+            self._grow()
         return slot
 
     def evict_idle(self, now: float, keep: Iterable[int] = ()) -> int:
         """Free every stream idle (in event time) longer than the TTL; returns how many."""
-        used = len(self._ids)
+        used = self._table.used
         idle = (now - self._clocks[:used, LAST_TS]) > self.stream_ttl_seconds
         for slot in keep:
             idle[slot] = False
         evicted = 0
         for slot in np.flatnonzero(idle).tolist():
-            stream = self._ids[slot]
-            if stream is None:
-                continue
-            del self._slots[stream]
-            self._ids[slot] = None
-            self._free.append(slot)
-            evicted += 1
+            stream = self._table.stream_at(slot)
+            if stream is not None:
+                self._table.remove(stream)
+                evicted += 1
         self.evictions += evicted
         return evicted
 
     def _lookup(self, batch: EventBatch) -> np.ndarray:
-        get = self._slots.get
-        slots = list(map(get, batch.streams, repeat(-1, len(batch))))
-        if -1 in slots:
+        found = self._table.lookup_many(batch.streams)
+        if (found < 0).any():
+            slots = found.tolist()
             fresh = []
-            for i, stream in enumerate(batch.streams):
-                if slots[i] != -1:
-                    continue
-                slot = get(stream, -1)
-                if slot == -1:
+            for i in np.flatnonzero(found < 0).tolist():
+                stream = batch.streams[i]
+                slot = self._table.get(stream)  # admitted earlier in this batch?
+                if slot is None:
                     now = max(self.watermark, float(batch.ts[i]))
                     slot = self._admit(stream, now, busy=slots)
                     if slot >= 0:
@@ -219,7 +226,8 @@ class Engine:
                 self._hidden[torch.from_numpy(index)] = 0.0
                 self._stats[index] = self._initial_row
                 self._clocks[index] = [[ts, -math.inf] for _, ts in fresh]
-        return np.asarray(slots, dtype=np.int64)
+            found = np.asarray(slots, dtype=np.int64)
+        return found
 
     # ---- stepping ---------------------------------------------------------------------------
 
@@ -258,23 +266,15 @@ class Engine:
             self.watermark = max(self.watermark, float(batch.ts.max()))
         return StepResult(outcome, score, alert, probability, details)
 
-    @staticmethod
-    def _waves(slots: np.ndarray) -> list[np.ndarray]:
+    def _waves(self, slots: np.ndarray) -> list[np.ndarray]:
         """Row indices of each wave: wave k holds every stream's k-th event, in batch order."""
-        rows = np.flatnonzero(slots >= 0)
-        if len(rows) == 0:
-            return []
-        order = np.argsort(slots[rows], kind="stable")
-        ordered = slots[rows][order]
-        first = np.ones(len(ordered), dtype=bool)
-        first[1:] = ordered[1:] != ordered[:-1]
-        if first.all():
-            return [rows]
-        positions = np.arange(len(ordered))
-        rank_sorted = positions - np.maximum.accumulate(np.where(first, positions, 0))
-        rank = np.empty_like(rank_sorted)
-        rank[order] = rank_sorted
-        return [rows[rank == k] for k in range(int(rank_sorted.max()) + 1)]
+        if self._seen.shape[0] < self.capacity:
+            self._seen = np.zeros(self.capacity, dtype=np.int32)
+        rank = _wave_ranks(slots, self._seen)
+        waves = int(rank.max(initial=-1)) + 1
+        if waves == 1 and rank.min() == 0:
+            return [np.arange(len(slots))]
+        return [np.flatnonzero(rank == k) for k in range(waves)]
 
     def _step_wave(
         self, slot: np.ndarray, x: np.ndarray, ts: np.ndarray, attrs: np.ndarray | None
@@ -298,8 +298,9 @@ class Engine:
 
     def snapshot(self, streams: Iterable[str] | None = None) -> Snapshot:
         """Copy the state of the given streams (default: all) that the engine holds."""
-        names = list(self._slots) if streams is None else [s for s in streams if s in self._slots]
-        index = np.array([self._slots[s] for s in names], dtype=np.int64)
+        table = self._table
+        names = table.names() if streams is None else [s for s in streams if s in table]
+        index = np.array([table.get(s) for s in names], dtype=np.int64)
         hidden = self._hidden[torch.from_numpy(index)]
         rows32 = torch.cat([hidden, torch.from_numpy(self._stats[index])], dim=1)
         return Snapshot(names, rows32, torch.from_numpy(self._clocks[index]))
@@ -313,7 +314,7 @@ class Engine:
             )
         slots: list[int] = []
         for stream in snapshot.streams:
-            slot = self._slots.get(stream)
+            slot = self._table.get(stream)
             if slot is None:
                 slot = self._admit(stream, self.watermark, busy=slots)
                 if slot < 0:
@@ -329,7 +330,4 @@ class Engine:
     def forget(self, streams: Iterable[str]) -> None:
         """Drop streams (e.g. on partition revoke, after their snapshot was handed over)."""
         for stream in streams:
-            slot = self._slots.pop(stream, None)
-            if slot is not None:
-                self._ids[slot] = None
-                self._free.append(slot)
+            self._table.remove(stream)

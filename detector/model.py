@@ -135,4 +135,6 @@ class Forecaster(nn.Module):
                 h = torch.rnn_tanh_cell(layer_input, previous, *weights)
                 new_layers.append(h)
             layer_input = h
+        if len(new_layers) == 1:
+            return new_layers[0].unsqueeze(1)  # (B, 1, S), no copy
         return torch.stack(new_layers, dim=1)  # (B, L, S)
