@@ -172,6 +172,7 @@ class Engine:
         hidden = self._hidden.new_zeros(capacity, self._hidden_width)
         hidden[: self._hidden.shape[0]] = self._hidden
         self._hidden = hidden
+        self._seen = np.zeros(capacity, dtype=np.int32)
         for name in ("_stats", "_clocks"):
             old = getattr(self, name)
             new = np.zeros((capacity, old.shape[1]), dtype=old.dtype)
@@ -268,8 +269,6 @@ class Engine:
 
     def _waves(self, slots: np.ndarray) -> list[np.ndarray]:
         """Row indices of each wave: wave k holds every stream's k-th event, in batch order."""
-        if self._seen.shape[0] < self.capacity:
-            self._seen = np.zeros(self.capacity, dtype=np.int32)
         rank = _wave_ranks(slots, self._seen)
         waves = int(rank.max(initial=-1)) + 1
         if waves == 1 and rank.min() == 0:

@@ -100,9 +100,11 @@ class WaveResult:
     details: np.ndarray  # (B, 1 + 2F) float32: error | expected | contributions
 
 
-def surprise(error: np.ndarray) -> np.ndarray:
-    """Mean squared residual e -> surprise s = e^(1/3), close to normal for Gaussian residuals."""
-    return np.cbrt(error)
+@numba.vectorize(["float64(float64)"], cache=True)
+def surprise(error: float) -> float:
+    """Mean squared residual e -> surprise s = e^(1/3), close to normal for Gaussian residuals.
+    A ufunc: the scoring kernel calls it per event, training on arrays of validation errors."""
+    return error ** (1.0 / 3.0)
 
 
 class Scorer:
@@ -249,7 +251,7 @@ def _score_wave(
             details[i, 1 + f + j] = r * r
             error += r * r
         error /= f
-        s = error ** (1.0 / 3.0)
+        s = surprise(error)
         details[i, 0] = error
 
         # Windows: z of each horizon's average surprise; beyond TAIL_Z the stream's own tail.
