@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from safetensors import safe_open
 
 from detector.artifact import load_artifact
 from detector.broker import EmbeddedBroker
@@ -281,6 +282,17 @@ def wait_for_commit(broker, group, topic, process, timeout=30.0, above=0) -> dic
     raise AssertionError("the worker never committed")
 
 
+def wait_for_checkpoint_with_streams(path: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as handle:
+                if int(handle.metadata().get("streams", 0)) > 0:
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint with streams at {path}")
+
+
 def last_json(stdout: bytes) -> dict:
     return orjson.loads(stdout.decode().strip().splitlines()[-1])
 
@@ -308,6 +320,9 @@ def test_sigkill_mid_stream_then_restart_loses_and_skips_nothing(broker, model_d
     first = start_worker(model_dir, env, tmp_path, "--idle-exit", "30")
     try:
         wait_for_commit(broker, n["group"], n["topic"], first, above=2000)
+        # A warm restart needs a checkpoint that holds streams: without this wait the kill can
+        # land between the first commits and the first checkpoint after them.
+        wait_for_checkpoint_with_streams(tmp_path / "state" / "state.safetensors")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
