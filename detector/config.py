@@ -139,7 +139,9 @@ class KafkaConfig(Section):
     ssl_cafile: str | None = None
     session_timeout_ms: int = Field(default=10000, gt=0)
     heartbeat_interval_ms: int = Field(default=3000, gt=0)
-    max_wait_ms: int = Field(default=100, ge=0, description="longest wait to fill a micro-batch")
+    max_wait_ms: int = Field(
+        default=100, ge=0, description="longest a poll waits for a first record (never to fill)"
+    )
 
 
 class MetricsConfig(Section):

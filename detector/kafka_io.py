@@ -28,6 +28,11 @@ from detector.errors import DetectorError
 
 log = logging.getLogger(__name__)
 
+# How long the broker may hold a fetch that has no records yet. A Kafka broker answers as soon as
+# records arrive, but tansu holds the fetch for the whole wait (measured at 1,000 events/s: p50
+# delivery 104 ms with 500 ms, 14 ms with 50 ms): kept short, as event latency is bounded by it.
+FETCH_WAIT_MAX_MS = 20
+
 
 class DeliveryError(DetectorError):
     """A message could not be delivered to the broker: the batch's offsets must not be committed."""
@@ -72,10 +77,11 @@ class RebalanceHandler(ConsumerRebalanceListener):
 class KafkaSource:
     """A consumer-group member on the configured topics; offsets committed only by `commit`.
 
-    `poll(batch_size, max_wait_ms)` returns up to `batch_size` records, polling until it has that
-    many or `max_wait_ms` has passed since the call began (an early return happens when `stop()`
-    says so): a micro-batch bounded by size and by wait time. Records come grouped by partition,
-    in offset order within each.
+    `poll(batch_size, max_wait_ms)` returns up to `batch_size` records: as soon as it holds some
+    and the client has nothing more already fetched, or after `max_wait_ms` with none (or when
+    `stop()` says so). A micro-batch never waits for records that have not arrived: under load the
+    fetch buffers are full and batches come out full-sized, under a trickle each event goes
+    through as soon as it arrives. Records come grouped by partition, in offset order within each.
     """
 
     def __init__(
@@ -96,7 +102,7 @@ class KafkaSource:
             "session_timeout_ms": config.session_timeout_ms,
             "heartbeat_interval_ms": config.heartbeat_interval_ms,
             "max_poll_records": max_poll_records,
-            "fetch_max_wait_ms": max(10, min(config.max_wait_ms, 500)),
+            "fetch_max_wait_ms": max(10, min(config.max_wait_ms, FETCH_WAIT_MAX_MS)),
             "max_partition_fetch_bytes": 4 << 20,
             **overrides,
         }
@@ -114,19 +120,21 @@ class KafkaSource:
         out: dict[TopicPartition, list] = {}
         count = 0
         while True:
-            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            polled = self.consumer.poll(timeout_ms=remaining_ms, max_records=batch_size - count)
-            for tp, records in polled.items():
-                if not records:
-                    continue
-                held = out.get(tp)
-                if held is None:
-                    out[tp] = records
-                else:
-                    held.extend(records)
-                count += len(records)
-            if count >= batch_size or remaining_ms <= 0 or stop():
-                return out
+            # Once something is in hand, only top up from what the client already fetched.
+            wait_ms = 0 if count else int(max(0.0, deadline - time.monotonic()) * 1000)
+            added = _merge(
+                out, self.consumer.poll(timeout_ms=wait_ms, max_records=batch_size - count)
+            )
+            if count and not added:
+                break
+            count += added
+            if count >= batch_size or stop() or (not count and wait_ms <= 0):
+                break
+        # kafka-python signals an empty wait with an exception whose traceback and the client's
+        # future form a reference cycle holding every frame on the stack, this one included. So
+        # that the cycle does not keep the batch alive until the next full collection (measured:
+        # ~190,000 objects and 280 ms pauses), this frame hands the records over and keeps none.
+        return _hand_over(out)
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit `offsets` (the next offset to read, per partition); raises KafkaError."""
@@ -182,6 +190,23 @@ class KafkaSource:
             self.consumer.close(autocommit=False)
         except KafkaError as exc:
             log.warning("closing the consumer: %s", exc)
+
+
+def _merge(out: dict[TopicPartition, list], polled: dict[TopicPartition, list]) -> int:
+    """Append a poll's records to `out`, per partition; returns how many."""
+    added = 0
+    for tp, records in polled.items():
+        if records:
+            held = out.setdefault(tp, [])
+            held.extend(records)
+            added += len(records)
+    return added
+
+
+def _hand_over(out: dict[TopicPartition, list]) -> dict[TopicPartition, list]:
+    moved = dict(out)
+    out.clear()
+    return moved
 
 
 class KafkaSink:

@@ -1,13 +1,15 @@
 """The daemon loop: poll -> decode -> engine step -> alerts and dead letters -> flush -> commit.
 
-One `Worker` is one consumer-group member. Each micro-batch (bounded by `engine.batch_size`
-records and `kafka.max_wait_ms`) is decoded record by record (`Schema.decode`; a failure becomes
-a dead letter with the reason, the source position and the original bytes), stepped through the
-engine in one call, and its alerts and dead letters are produced keyed by stream id. Offsets are
-committed only once every message of the batch is acknowledged (quix-streams' `Checkpoint.commit`
-order: sinks, producer, offsets); a batch whose outputs cannot be delivered is retried with
-backoff and never committed before. An unexpected exception stops the worker without committing,
-so Kafka delivers the batch again: at-least-once, and `alert_id` makes duplicates recognisable.
+One `Worker` is one consumer-group member. Each micro-batch (at most `engine.batch_size` records:
+whatever the client has fetched, without waiting for more) is decoded record by record
+(`Schema.decode`; a failure becomes a dead letter with the reason, the source position and the
+original bytes), stepped through the engine in one call, and its alerts and dead letters are
+produced keyed by stream id. Offsets are committed only once every message of the batch is
+acknowledged (quix-streams' `Checkpoint.commit` order: sinks, producer, offsets); the wait for
+those acknowledgements overlaps the next poll, so it costs no time in the loop; a batch whose
+outputs cannot be delivered is retried with backoff and never committed before. An unexpected
+exception stops the worker without committing, so Kafka delivers the batch again: at-least-once,
+and `alert_id` makes duplicates recognisable.
 
 Lifecycle, after quix-streams' `Application.run`: resources live on an `ExitStack`; SIGTERM and
 SIGINT set a stop flag that the loop checks between polls, so the batch in hand is finished,
@@ -37,6 +39,7 @@ from kafka import KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 
 from detector import snapshot as snapshots
+from detector.allocator import quiet_collector
 from detector.artifact import Artifact
 from detector.config import Config
 from detector.engine import REJECTED, SCORED, WARMUP, Engine
@@ -107,7 +110,7 @@ class Worker:
     serve_http
         Serve /metrics, /healthz and /readyz on `metrics.host:metrics.port`.
     on_alert
-        Called with each alert's dict after its batch is committed (the demo prints them).
+        Called with each alert's dict once the broker has acknowledged it (the demo prints them).
     install_signals
         Handle SIGTERM/SIGINT while running (only possible in the main thread).
     """
@@ -146,7 +149,10 @@ class Worker:
         self._producer: Any = None
         self._alerts: KafkaSink | None = None
         self._dead: KafkaSink | None = None
-        self._uncommitted: dict[TopicPartition, int] = {}  # delivered, not yet committed
+        # Offsets of processed batches: sent (outputs not yet acknowledged), then delivered.
+        self._in_flight: dict[TopicPartition, int] = {}
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._announce: list[bytes] = []  # alerts for `on_alert` once they are acknowledged
         self._failed = False
         self._rebalances = 0
         self._last_checkpoint = time.monotonic()
@@ -219,6 +225,7 @@ class Worker:
                 return self.summary
             stack.callback(self._close_clients)
             stack.callback(self._shutdown)
+            quiet_collector()
             batch_size = self.config.engine.batch_size
             max_wait = self.config.kafka.max_wait_ms
             last_data = time.monotonic()
@@ -243,6 +250,10 @@ class Worker:
                 if generation != self._rebalances and polled:
                     polled = self._owned(polled)
                 self.health.beat()
+                # The previous batch's acknowledgements arrived while this one was fetched.
+                if not self._settle():
+                    break
+                self._commit_async()
                 if polled:
                     if self.summary.first_data is None:
                         self.summary.first_data = time.monotonic()
@@ -301,6 +312,23 @@ class Worker:
             except KafkaError as exc:
                 log.warning("closing the producer: %s", exc)
             self._producer = None
+
+    def _settle(self) -> bool:
+        """Wait until the outputs of every processed batch are acknowledged; their offsets then
+        become committable. False, with nothing committable, if stopped while the broker is down
+        (Kafka then delivers those records again to the next worker)."""
+        if not self._in_flight:
+            return True
+        if not self._deliver():
+            self._failed = True
+            return False
+        self._uncommitted.update(self._in_flight)
+        self._in_flight.clear()
+        announce, self._announce = self._announce, []
+        if self.on_alert is not None:
+            for value in announce:
+                self.on_alert(orjson.loads(value))
+        return True
 
     def _deliver(self) -> bool:
         """Flush both sinks until every message is acknowledged; False if stopped first."""
@@ -393,8 +421,8 @@ class Worker:
         if self._failed:
             return  # quix's rule: never commit for a worker that failed
         revoked = set(partitions)
-        if any(tp in revoked for tp in self._uncommitted) and self._commit(retry=False):
-            pass
+        if self._settle() and any(tp in revoked for tp in self._uncommitted):
+            self._commit(retry=False)
         self.metrics.forget_partitions((tp.topic, tp.partition) for tp in partitions)
         if partitions:
             self._checkpoint()
@@ -425,7 +453,7 @@ class Worker:
     def _checkpoint(self, level: int = logging.INFO) -> None:
         """Save every stream's state, but only when it matches the committed offsets."""
         self._last_checkpoint = time.monotonic()
-        if self._uncommitted or self._failed:
+        if self._in_flight or self._uncommitted or self._failed:
             log.warning("not checkpointing: some processed records are not committed")
             return
         try:
@@ -456,7 +484,8 @@ class Worker:
     def _periodic(self) -> None:
         now = time.monotonic()
         if now - self._last_checkpoint >= self.config.checkpoint.interval_seconds:
-            self._commit(retry=False)  # the state saved must match the committed offsets
+            if self._settle():  # the state saved must match the committed offsets
+                self._commit(retry=False)
             self._checkpoint(logging.DEBUG)
         if now - self._last_lag >= LAG_INTERVAL_SECONDS and self._source is not None:
             self._last_lag = now
@@ -473,10 +502,8 @@ class Worker:
 
     def _shutdown(self) -> None:
         """Finish cleanly: deliver and commit what was processed, save state."""
-        if self._failed:
+        if self._failed or not self._settle():
             return
-        if self._alerts is not None and (self._alerts.pending or self._dead.pending):  # type: ignore[union-attr]
-            self._deliver()
         self._commit(retry=False)
         self._checkpoint()
 
@@ -568,13 +595,9 @@ class Worker:
             self._alerts.add(stream.encode("utf-8", "surrogatepass"), value)
             alerts.append(value)
 
-        if not self._deliver():
-            # Stopped while the broker was down: nothing of this batch is committed, so Kafka
-            # delivers it again to the next worker.
-            self._failed = True
-            return
-        self._uncommitted.update(next_offsets)
-        self._commit_async()
+        self._in_flight.update(next_offsets)
+        if self.on_alert is not None:
+            self._announce.extend(alerts)
 
         reasons = Counter(letter.reason for letter in dead)
         self.metrics.observe_step(result, batch.ts, now, reasons)
@@ -588,9 +611,6 @@ class Worker:
         s.invalid += len(dead)
         s.alerts += len(alert_rows)
         s.reasons.update(reasons)
-        if self.on_alert is not None:
-            for value in alerts:
-                self.on_alert(orjson.loads(value))
 
     @staticmethod
     def _dead_key(letter: DeadLetter, polled: dict) -> bytes:
