@@ -1,11 +1,13 @@
 """The slot table: which row of the engine's slabs belongs to which stream id.
 
 A dict serves lookups by name (admission, snapshots, hand-over). The hot path looks up a whole
-batch at once without a per-event Python step: the ids become one numpy array of code points,
-numba hashes each to 64 bits and probes an open-addressing table of those hashes. Measured on
-4,096 freshly decoded ids over 100,000 streams, the dict took 2.3 ms and this path about 1 ms.
-Two distinct ids with the same 64-bit hash would share a slot; with a million streams the chance
-that any such pair exists is about 3e-8.
+batch at once without a per-event Python step: Python's own string hash (computed in C, and
+cached on the string, so a lookup after decoding pays it once) gives each id 64 bits, and numba
+probes an open-addressing table of those hashes. Measured on 4,096 freshly decoded ids over
+100,000 streams: the dict took 2.3 ms, hashing the ids' code points in numba (after numpy copied
+them into a fixed-width array) 0.73 ms, the built-in hash 0.52 ms. The hash is salted per process,
+which is fine for a table that lives in one. Two distinct ids with the same 64-bit hash would share
+a slot; with a million streams the chance that any such pair exists is about 3e-8.
 
 >>> table = SlotTable()
 >>> table.add("pump-1"), table.add("pump-2"), table.add("ünï/çødé")
@@ -22,26 +24,6 @@ import numba
 import numpy as np
 
 EMPTY = np.uint64(0)
-
-
-@numba.njit(cache=True)
-def _hash_codes(codes: np.ndarray) -> np.ndarray:
-    """FNV-1a over each row's code points (trailing zeros are numpy's padding), then a
-    splitmix64 finaliser so that the low bits, which pick the table position, are well mixed."""
-    n, width = codes.shape
-    out = np.empty(n, dtype=np.uint64)
-    for i in range(n):
-        h = np.uint64(14695981039346656037)
-        for j in range(width):
-            c = codes[i, j]
-            if c == 0:
-                break
-            h = (h ^ np.uint64(c)) * np.uint64(1099511628211)
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        h = h ^ (h >> np.uint64(31))
-        out[i] = h if h != EMPTY else np.uint64(1)
-    return out
 
 
 @numba.njit(cache=True)
@@ -99,10 +81,9 @@ def _delete(keys: np.ndarray, values: np.ndarray, h: np.uint64) -> None:
 
 
 def hash_ids(streams: list[str]) -> np.ndarray:
-    codes = np.array(streams, dtype=np.str_)
-    if codes.dtype.itemsize == 0:  # every id empty (never valid, but not a crash)
-        return np.full(len(streams), 1, dtype=np.uint64)
-    return _hash_codes(codes.view(np.uint32).reshape(len(streams), -1))
+    hashes = np.fromiter(map(hash, streams), dtype=np.int64, count=len(streams)).view(np.uint64)
+    hashes[hashes == EMPTY] = 1  # 0 marks an empty table entry
+    return hashes
 
 
 class SlotTable:
