@@ -22,6 +22,7 @@ import argparse
 import bisect
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -341,6 +342,10 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ValueError("--duration must be positive")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # Every demo plays new streams on a freshly trained model: the workers' checkpoints of an
+    # earlier demo would start them warm on another run's history (the model, trained with the
+    # same seed, has the same hash, so the worker would accept them).
+    shutil.rmtree(workdir / "state", ignore_errors=True)
     seed = int(args.seed)
     config_path = getattr(args, "config", None)
     config = load_config(config_path)
