@@ -301,7 +301,12 @@ def main() -> int:
             target=latency_worker.run, kwargs={"duration": args.latency_seconds + 15}
         )
         runner.start()
-        time.sleep(4.0)  # group join
+        # Load starts once the worker holds its partitions: a slow group join (the first worker's
+        # session may still be open) must not be measured as event latency.
+        joined = time.monotonic() + 60.0
+        while not latency_worker.health.partitions_assigned and time.monotonic() < joined:
+            time.sleep(0.1)
+        time.sleep(0.5)
         producer = multiprocessing.get_context("spawn").Process(
             target=steady_producer,
             args=(bootstrap, topic, target, args.latency_seconds, args.streams),
