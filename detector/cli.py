@@ -44,8 +44,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from detector.artifact import save_artifact
-    from detector.model import ForecasterConfig
-    from detector.train import fit, infer_features, load_history
+    from detector.train import fit, forecaster_config, infer_features, load_history
 
     config = _config(args)
     seed = config.train.seed if args.seed is None else args.seed
@@ -74,17 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"({history.invalid} invalid rows skipped); features: {', '.join(features)}",
         file=sys.stderr,
     )
-    m = config.model
-    model_config = ForecasterConfig(
-        n_features=len(features),
-        cell=m.cell,
-        hidden_size=m.hidden_size,
-        num_layers=m.num_layers,
-        dropout=m.dropout,
-        n_attrs=len(attrs),
-        attr_buckets=m.attr_buckets,
-        attr_dim=m.attr_dim,
-    )
+    model_config = forecaster_config(config, features, attrs)
     result = fit(history, model_config, config, epochs=args.epochs, seed=args.seed)
     version = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%S")
     path = save_artifact(

@@ -75,6 +75,10 @@ class ModelConfig(Section):
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     attr_buckets: int = Field(default=1024, gt=0, description="hash buckets per categorical field")
     attr_dim: int = Field(default=8, gt=0, description="embedding size per categorical field")
+    log_features: list[str] = Field(
+        default_factory=list,
+        description="features forecast on a signed log scale (heavy-tailed: amounts, counts)",
+    )
 
 
 class TrainConfig(Section):

@@ -39,7 +39,6 @@ import orjson
 from detector.artifact import save_artifact
 from detector.config import Config, load_config
 from detector.events import hash_attr, parse_timestamp
-from detector.model import ForecasterConfig
 from detector.synthetic import Dataset, sensor_streams, transaction_streams
 
 
@@ -78,19 +77,11 @@ def train_artifact(
     progress: bool = True,
 ) -> Path:
     """Train a small forecaster on `data` (normal history) and write its artifact."""
-    from detector.train import fit
+    from detector.train import fit, forecaster_config
 
-    m = config.model
-    history = history_from_dataset(data, m.attr_buckets)
-    model_config = ForecasterConfig(
-        n_features=len(data.features),
-        cell=m.cell,
-        hidden_size=hidden_size,
-        num_layers=1,
-        dropout=0.0,
-        n_attrs=len(data.attrs),
-        attr_buckets=m.attr_buckets,
-        attr_dim=m.attr_dim,
+    history = history_from_dataset(data, config.model.attr_buckets)
+    model_config = forecaster_config(
+        config, data.features, data.attrs, hidden_size=hidden_size, num_layers=1
     )
     result = fit(history, model_config, config, epochs=epochs, seed=seed, progress=progress)
     return save_artifact(
@@ -228,10 +219,13 @@ def _print_alert(alert: dict, verdict: str) -> None:
     contributions = alert["contributions"]
     top = max(contributions, key=contributions.get)
     ts = alert["ts"][11:23]
-    observed, expected = alert["observed"][top], alert["expected"][top]
+    observed = alert["observed"][top]
+    if top in alert["expected"]:
+        what = f"{top} observed {observed:.4g} expected {alert['expected'][top]:.4g}"
+    else:  # a categorical attr: nothing is "expected", the value is unusual for the stream
+        what = f"{top} {observed!r} is unusual for this stream"
     _say(
-        f"  ALERT {ts}  {alert['stream']:<12} score {alert['score']:.5f}  "
-        f"{top} observed {observed:.4g} expected {expected:.4g} "
+        f"  ALERT {ts}  {alert['stream']:<12} score {alert['score']:.5f}  {what} "
         f"({100 * contributions[top]:.0f}% of the error)  [{verdict}]"
     )
 
@@ -375,11 +369,10 @@ def run_demo(args: argparse.Namespace) -> int:
                 transaction_streams(ACCOUNTS, n_tx, seed=seed + 1, anomalies=True),
             ),
         }
-        train_config = config.model_copy(
-            update={"train": config.train.model_copy(update={"patience": 2})}
-        )
+        train = config.train.model_copy(update={"patience": 2})
+        log_features = {"sensors": [], "transactions": ["amount"]}  # amounts are heavy-tailed
         histories = {
-            "sensors": sensor_streams(48, 1500, seed=seed + 100, anomalies=False),
+            "sensors": sensor_streams(100, 2000, seed=seed + 100, anomalies=False),
             "transactions": transaction_streams(64, 64 * 150, seed=seed + 100, anomalies=False),
         }
         for name, pipe in pipelines.items():
@@ -388,8 +381,10 @@ def run_demo(args: argparse.Namespace) -> int:
             history = histories[name]
             _say(f"training the {name} model on {len(history.events)} events of normal history "
                  f"({', '.join(history.features + history.attrs)})...")  # fmt: skip
+            model = config.model.model_copy(update={"log_features": log_features[name]})
+            train_config = config.model_copy(update={"train": train, "model": model})
             pipe.model_dir = train_artifact(
-                history, workdir / "models" / name, train_config, hidden_size=32, epochs=3,
+                history, workdir / "models" / name, train_config, hidden_size=64, epochs=8,
                 version=f"demo-{name}", seed=seed,
             )  # fmt: skip
         if stop.is_set():

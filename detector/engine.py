@@ -39,6 +39,7 @@ import torch
 from detector.allocator import keep_freed_memory
 from detector.events import EventBatch
 from detector.model import Forecaster
+from detector.normalization import symexp, symlog
 from detector.scoring import Calibration, Scorer, WaveResult
 from detector.slots import SlotTable
 
@@ -56,7 +57,8 @@ class StepResult:
     score: np.ndarray  # (N,) float64 anomaly score (probability where it is news); 0 unless scored
     is_alert: np.ndarray  # (N,) bool
     probability: np.ndarray  # (N,) float64 calibrated anomaly probability; 0 unless scored
-    details: np.ndarray  # (N, 1 + 2F) float32: error | expected | contributions
+    details: np.ndarray  # (N, 1 + 2F + A) float32: error | expected (F) | contributions (F + A)
+    n_features: int  # F
 
     @property
     def error(self) -> np.ndarray:
@@ -66,14 +68,12 @@ class StepResult:
     @property
     def expected(self) -> np.ndarray:
         """(N, F) the forecast mean, in the features' own units."""
-        f = (self.details.shape[1] - 1) // 2
-        return self.details[:, 1 : 1 + f]
+        return self.details[:, 1 : 1 + self.n_features]
 
     @property
     def contributions(self) -> np.ndarray:
-        """(N, F) each feature's share of the evidence; rows sum to 1."""
-        f = (self.details.shape[1] - 1) // 2
-        return self.details[:, 1 + f :]
+        """(N, F + A) each feature's and then each attr's share of the evidence; rows sum to 1."""
+        return self.details[:, 1 + self.n_features :]
 
 
 @dataclass
@@ -116,6 +116,8 @@ class Engine:
         self.model = model.eval()
         self.scorer = scorer or Scorer(threshold=0.9999)
         self.n_features = model.config.n_features
+        self.n_attrs = model.config.n_attrs
+        self._log_scale = np.array(model.config.log_scale, dtype=np.int64)
         self.max_streams = max_streams
         self.stream_ttl_seconds = stream_ttl_seconds
         self.evictions = 0
@@ -124,7 +126,7 @@ class Engine:
         layers, size = model.config.num_layers, model.state_size
         self._state_shape = (layers, size)
         self._hidden_width = layers * size
-        self._initial_row = self.scorer.initial_row(self.n_features)
+        self._initial_row = self.scorer.initial_row(self.n_features, self.n_attrs)
         self.width32 = self._hidden_width + len(self._initial_row)
 
         capacity = min(initial_capacity, max_streams)
@@ -238,7 +240,7 @@ class Engine:
         slots = self._lookup(batch)
         outcome = np.full(n, SCORED, dtype=np.int8)
         outcome[slots < 0] = REJECTED
-        attrs = batch.attrs if batch.attrs.shape[1] else None
+        attrs = batch.attrs
         waves = self._waves(slots)
         if len(waves) == 1 and len(waves[0]) == n:  # the common case: n distinct known streams
             result = self._step_wave(slots, batch.values, batch.ts, attrs)
@@ -252,20 +254,20 @@ class Engine:
         else:
             score, probability = np.zeros(n), np.zeros(n)
             alert = np.zeros(n, dtype=np.bool_)
-            details = np.zeros((n, 1 + 2 * self.n_features), dtype=np.float32)
+            details = np.zeros((n, 1 + 2 * self.n_features + self.n_attrs), dtype=np.float32)
             for rows in waves:
                 result = self._step_wave(
                     slots[rows],
                     batch.values[rows],
                     batch.ts[rows],
-                    attrs[rows] if attrs is not None else None,
+                    attrs[rows],
                 )
                 score[rows], probability[rows] = result.score, result.probability
                 alert[rows], details[rows] = result.alert, result.details
                 outcome[rows[result.warm]] = WARMUP
         if n:
             self.watermark = max(self.watermark, float(batch.ts.max()))
-        return StepResult(outcome, score, alert, probability, details)
+        return StepResult(outcome, score, alert, probability, details, self.n_features)
 
     def _waves(self, slots: np.ndarray) -> list[np.ndarray]:
         """Row indices of each wave: wave k holds every stream's k-th event, in batch order."""
@@ -276,20 +278,23 @@ class Engine:
         return [np.flatnonzero(rank == k) for k in range(waves)]
 
     def _step_wave(
-        self, slot: np.ndarray, x: np.ndarray, ts: np.ndarray, attrs: np.ndarray | None
+        self, slot: np.ndarray, x: np.ndarray, ts: np.ndarray, attrs: np.ndarray
     ) -> WaveResult:
         """One event for each of B distinct streams: score it, then fold it into the state."""
         index = torch.from_numpy(slot)
         state = self._hidden.index_select(0, index).view(-1, *self._state_shape)  # (B, L, S)
-        forecast, logvar = self.model.predict(state)  # (B, F) each
+        attrs_t = torch.from_numpy(attrs) if self.n_attrs else None
+        forecast, logvar = self.model.predict(state, attrs_t)  # (B, F) each
+        logged = self._log_scale
+        if len(logged):  # the model's scale in, the features' own units out
+            x = x.copy()
+            x[:, logged] = symlog(x[:, logged])
         result = self.scorer.score_wave(
-            slot, x, ts, forecast.numpy(), logvar.numpy(), self._stats, self._clocks
+            slot, x, attrs, ts, forecast.numpy(), logvar.numpy(), self._stats, self._clocks
         )
-        new_state = self.model.step(
-            torch.from_numpy(result.model_input),
-            torch.from_numpy(attrs) if attrs is not None else None,
-            state,
-        )
+        if len(logged):
+            result.details[:, 1 + logged] = symexp(result.details[:, 1 + logged])
+        new_state = self.model.step(torch.from_numpy(result.model_input), attrs_t, state)
         self._hidden.index_copy_(0, index, new_state.reshape(len(slot), -1))
         return result
 

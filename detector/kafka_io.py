@@ -327,8 +327,13 @@ def alert_record(
     contributions: Sequence[float],
     model_version: str,
     detected_at: float,
+    attrs: Sequence[str] = (),
+    observed_attrs: Sequence[str] = (),
 ) -> bytes:
     """The alert message of DESIGN.md; `alert_id` is the input record's topic:partition:offset.
+
+    A model with categorical `attrs` adds their observed values, and their shares of the blame
+    after the features' in `contributions` (a card used in a category its owner never uses).
 
     >>> orjson.loads(alert_record(topic="t", partition=3, offset=7, stream="pump-1", ts=0.0,
     ...     score=0.99999, threshold=0.9999, error=7.5, features=["x"], observed=[96.0],
@@ -346,12 +351,16 @@ def alert_record(
             "score": round(float(score), 6),
             "threshold": float(threshold),
             "error": round(float(error), 4),
-            "observed": {name: float(v) for name, v in zip(features, observed, strict=True)},
+            "observed": {
+                **{name: float(v) for name, v in zip(features, observed, strict=True)},
+                **dict(zip(attrs, observed_attrs, strict=True)),
+            },
             "expected": {
                 name: round(float(v), 4) for name, v in zip(features, expected, strict=True)
             },
             "contributions": {
-                name: round(float(v), 4) for name, v in zip(features, contributions, strict=True)
+                name: round(float(v), 4)
+                for name, v in zip([*features, *attrs], contributions, strict=True)
             },
             "model_version": model_version,
             "detected_at": iso_time(detected_at),

@@ -12,7 +12,7 @@ accounts for a whole micro-batch at once:
 ...     score=np.array([0.3, 0.99995, 0.0, 0.0], dtype=np.float32),
 ...     is_alert=np.array([False, True, False, False]),
 ...     probability=np.array([0.3, 0.99995, 0.0, 0.0]),
-...     details=np.zeros((4, 3), dtype=np.float32))
+...     details=np.zeros((4, 3), dtype=np.float32), n_features=1)
 >>> metrics.observe_step(result, batch_ts=np.full(4, 100.0), now=100.5,
 ...                      invalid_reasons={"bad_json": 2})
 >>> value = metrics.registry.get_sample_value

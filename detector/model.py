@@ -1,6 +1,11 @@
 """The recurrent forecaster: normalised features (+ hashed categorical embeddings) -> GRU/LSTM/RNN
 -> the next step's Gaussian (mean and log-variance per feature).
 
+Categorical attrs play two parts. An event's attrs enter the recurrent state with its values, and
+the forecast of an event is conditioned on that event's own attrs: they arrive with its values,
+so the forecast of a card payment already knows it is "electronics" and not "groceries", and a
+price that is normal for one category is not blurred into the spread of all of them.
+
 One module serves both uses. `forward` runs whole (padded) sequences for training; `predict` and
 `step` run one step at a time from an external hidden state for streaming, with the same weights.
 The streaming state of one stream is a `(num_layers, state_size)` tensor: the hidden state, with the
@@ -40,6 +45,12 @@ class ForecasterConfig:
     n_attrs: int = 0
     attr_buckets: int = 1024
     attr_dim: int = 8
+    log_scale: tuple[int, ...] = ()  # features (by index) forecast on normalization.symlog's scale
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "log_scale", tuple(int(i) for i in self.log_scale))
+        if any(not 0 <= i < self.n_features for i in self.log_scale):
+            raise ValueError(f"log_scale {self.log_scale} names features beyond {self.n_features}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +74,8 @@ class Forecaster(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_size, 2 * config.n_features)
+        context = config.n_attrs * config.attr_dim  # the forecast event's attrs
+        self.head = nn.Linear(config.hidden_size + context, 2 * config.n_features)
 
     @property
     def state_size(self) -> int:
@@ -73,25 +85,33 @@ class Forecaster(nn.Module):
     def initial_state(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.config.num_layers, self.state_size)
 
-    def _inputs(self, x: torch.Tensor, attrs: torch.Tensor | None) -> torch.Tensor:
+    def _with_attrs(self, x: torch.Tensor, attrs: torch.Tensor | None) -> torch.Tensor:
+        """x with the embeddings of attrs (..., A) appended on its last axis."""
         if not self.embeddings:
             return x
         assert attrs is not None, "this model embeds categorical attrs: pass them"
         embedded = [emb(attrs[..., i]) for i, emb in enumerate(self.embeddings)]
         return torch.cat([x, *embedded], dim=-1)
 
-    def _head(self, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.head(self.dropout(top)).chunk(2, dim=-1)
+    def _head(
+        self, top: torch.Tensor, attrs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.head(self._with_attrs(self.dropout(top), attrs)).chunk(2, dim=-1)
         return mean, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def forward(
-        self, x: torch.Tensor, attrs: torch.Tensor | None = None, state: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        attrs: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        next_attrs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run sequences x (B, T, F), attrs (B, T, A) -> mean, logvar (B, T, F), final state.
 
-        Output t is the forecast of step t + 1, made after seeing steps 0..t.
+        Output t is the forecast of step t + 1, made after seeing steps 0..t and told the attrs
+        of step t + 1 (`next_attrs`, (B, T, A)).
         """
-        inputs = self._inputs(x, attrs)  # (B, T, I)
+        inputs = self._with_attrs(x, attrs)  # (B, T, I)
         if state is None:
             state = self.initial_state(x.shape[0]).to(x)
         hx = state.transpose(0, 1).contiguous()  # (L, B, S)
@@ -101,18 +121,21 @@ class Forecaster(nn.Module):
             final = torch.cat([hn, cn], dim=-1)
         else:
             out, final = self.core(inputs, hx)  # out (B, T, H)
-        mean, logvar = self._head(out)
+        mean, logvar = self._head(out, next_attrs)
         return mean, logvar, final.transpose(0, 1)  # (B, L, S)
 
-    def predict(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forecast of the next step from a streaming state (B, L, S) -> mean, logvar (B, F)."""
-        return self._head(state[:, -1, : self.config.hidden_size])
+    def predict(
+        self, state: torch.Tensor, attrs: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forecast of the next event from streaming states (B, L, S) and that event's attrs
+        (B, A) -> mean, logvar (B, F)."""
+        return self._head(state[:, -1, : self.config.hidden_size], attrs)
 
     def step(
         self, x: torch.Tensor, attrs: torch.Tensor | None, state: torch.Tensor
     ) -> torch.Tensor:
         """Advance streaming states (B, L, S) by one observation x (B, F): the new states."""
-        layer_input = self._inputs(x, attrs)  # (B, I)
+        layer_input = self._with_attrs(x, attrs)  # (B, I)
         hidden = self.config.hidden_size
         new_layers = []
         for layer in range(self.config.num_layers):

@@ -13,13 +13,24 @@
    keeps the length of its current run of exactly repeated values and the stream's long-run rate
    of repeats p. A run of k repeats has probability p^k under normal behaviour; its z-score joins
    the others. A counter stream that often repeats learns a high p and is not flagged.
-5. Probability = Phi(max z): the probability that normal behaviour would look less surprising.
+5. Categories: a forecaster of numbers cannot say that a card was used in a category its owner
+   never uses. Each categorical attr keeps a small sketch of the stream's most frequent values
+   (`SKETCH_SLOTS` values and their counts). The tail probability of a value is the chance of a
+   value at most as frequent. For a value the stream has not shown, that is the chance of
+   something new: the Good-Turing estimate (values seen once, over values seen) shrunk toward
+   the rate of new values that training measured on warmed-up streams (`PRIOR_WEIGHT` events
+   of trust), so an account that has used three categories for a hundred purchases makes a
+   fourth improbable, while a merchant-id attr that is new half the time never is. The
+   rarest attr (Bonferroni over the attrs) is one more piece of evidence beside the numeric
+   ones, and so is its combination with them by Fisher's method: a new category with a
+   middling amount is more than either alone.
+6. Probability = Phi(max z): the probability that normal behaviour would look less surprising.
    High means anomalous. Statistics start from the model's validation statistics (a prior worth
    `PRIOR_WEIGHT` events), then follow the stream over `long_window` events, winsorised so no
    single event dominates. A lasting change (a level shift) therefore stops alerting once it
    has become the stream's normal; the engine keeps anomalous values out of the value
    normalisation (river's `protect_anomaly_detector`).
-6. Score = the probability, but only where this event is *news*: more surprising than anything
+7. Score = the probability, but only where this event is *news*: more surprising than anything
    the stream showed within the last `novelty_window` events. The recent maximum is kept as two
    block maxima (the current block of novelty_window / 2 events and the one before), so it spans
    between half and all of the window in two floats, and then forgets completely. (A peak that
@@ -39,8 +50,9 @@ of events (distinct streams) in one compiled pass that reads and writes those ro
 >>> x = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
 >>> stats[:, 1:3], stats[:, 3:5] = x, 1.0                          # mean = x, var = 1
 >>> forecast = np.array([[0.5, -0.3], [-9.0, 0.1]], dtype=np.float32)   # in sd, (B, F)
->>> out = scorer.score_wave(np.arange(2), x, np.zeros(2), forecast, np.zeros_like(forecast),
-...                         stats, np.zeros((2, 2)))
+>>> no_attrs = np.zeros((2, 0), dtype=np.int64)
+>>> out = scorer.score_wave(np.arange(2), x, no_attrs, np.zeros(2), forecast,
+...                         np.zeros_like(forecast), stats, np.zeros((2, 2)))
 >>> out.probability.round(3).tolist(), out.alert.tolist()
 ([0.433, 1.0], [False, True])
 >>> out.details[1, 3:].round(3).tolist()                           # contributions
@@ -69,6 +81,8 @@ TAIL_EXCESS_MIN, TAIL_EXCESS_MAX = 0.2, 20.0
 TAIL_PRIOR = 10.0  # exceedances' worth of trust in the Gaussian tail prior
 LOG_P_MIN = 60.0  # tail probabilities below e^-60 are all "certainly anomalous"
 STUCK_LOG_P_MIN = 15.0  # a stuck run is never more improbable than e^-15 (z ~ 5.2)
+SKETCH_SLOTS = 8  # most frequent values remembered per categorical attr and stream
+NEW_VALUE_RATE = 0.01  # prior rate of values new to a stream, where training measured none
 Z_MAX = 8.0  # z-scores are capped here: 1 - Phi(8) ~ 6e-16 is still a distinct float64
 
 
@@ -79,13 +93,26 @@ class Calibration:
     mean: float = 0.86  # E[(chi2_1)^(1/3)] for a perfectly calibrated forecast
     var: float = 0.2
     quantiles: tuple[float, ...] = ()  # 0.5, 0.9, 0.99, 0.999, 0.9999 of the surprise
+    # Per categorical attr: how often a warmed-up stream showed a value new to it.
+    new_value_rates: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
-        return cls(float(data["mean"]), float(data["var"]), tuple(data.get("quantiles", ())))
+        return cls(
+            float(data["mean"]),
+            float(data["var"]),
+            tuple(data.get("quantiles", ())),
+            tuple(float(r) for r in data.get("new_value_rates", ())),
+        )
+
+    def new_value_rate(self, attr: int) -> float:
+        """The trained rate of new values of an attr, or a cautious default where the
+        artifact has none."""
+        rates = self.new_value_rates
+        return rates[attr] if attr < len(rates) else NEW_VALUE_RATE
 
 
 @dataclass
@@ -97,7 +124,7 @@ class WaveResult:
     alert: np.ndarray  # (B,) bool
     warm: np.ndarray  # (B,) bool: still warming up (score and probability are 0)
     model_input: np.ndarray  # (B, F) float32 normalised values, clipped for the model
-    details: np.ndarray  # (B, 1 + 2F) float32: error | expected | contributions
+    details: np.ndarray  # (B, 1 + 2F + A) float32: error | expected (F) | contributions (F + A)
 
 
 @numba.vectorize(["float64(float64)"], cache=True)
@@ -113,7 +140,8 @@ class Scorer:
     [count | value mean (F) | value variance (F) | surprise mean | peak z of this block |
      peak z of the last block |
      window averages (W) | their variances (W) | tail rates (W) | tail excesses (W) |
-     last value (F) | repeat run (F) | repeat rate (F) | longest recent run (F)]
+     last value (F) | repeat run (F) | repeat rate (F) | longest recent run (F) |
+     per categorical attr: the sketch's values (SKETCH_SLOTS) and their counts (SKETCH_SLOTS)]
     """
 
     def __init__(
@@ -140,13 +168,22 @@ class Scorer:
         self.cooldown_seconds = cooldown_seconds
         self.norm_window = norm_window
         self._alphas = np.array([1.0 / w for w in self.windows])
+        self._rates: dict[int, np.ndarray] = {}
 
-    def width(self, n_features: int) -> int:
-        return 4 + 4 * len(self.windows) + 6 * n_features
+    def _new_value_rates(self, n_attrs: int) -> np.ndarray:
+        rates = self._rates.get(n_attrs)
+        if rates is None:
+            rates = np.array([self.calibration.new_value_rate(a) for a in range(n_attrs)])
+            self._rates[n_attrs] = rates
+        return rates
 
-    def initial_row(self, n_features: int) -> np.ndarray:
+    def width(self, n_features: int, n_attrs: int = 0) -> int:
+        return 4 + 4 * len(self.windows) + 6 * n_features + 2 * SKETCH_SLOTS * n_attrs
+
+    def initial_row(self, n_features: int, n_attrs: int = 0) -> np.ndarray:
         """A new stream's statistics: no values seen, surprise at the calibration prior."""
         prior, a, w, f = self.calibration, self._alphas, len(self.windows), n_features
+        empty_sketch = [np.full(SKETCH_SLOTS, -1.0), np.zeros(SKETCH_SLOTS)]  # values, counts
         return np.concatenate(
             [
                 [0.0],  # count
@@ -160,6 +197,7 @@ class Scorer:
                 np.zeros(f),  # current run of repeats
                 np.full(f, REPEAT_PRIOR),
                 np.zeros(f),  # longest recent run
+                *(empty_sketch * n_attrs),
             ]
         ).astype(np.float32)
 
@@ -167,6 +205,7 @@ class Scorer:
         self,
         slots: np.ndarray,
         x: np.ndarray,
+        attrs: np.ndarray,
         ts: np.ndarray,
         forecast: np.ndarray,
         logvar: np.ndarray,
@@ -176,19 +215,22 @@ class Scorer:
         """Score one event for each of B distinct streams and fold it into their rows.
 
         slots (B,) index `stats` (C, width) and `clocks` (C, 2: last time, cooldown end), which
-        are updated in place; x, forecast and logvar are (B, F), the forecast in normalised units.
+        are updated in place; x, forecast and logvar are (B, F), the forecast in normalised units;
+        attrs (B, A) are the categorical attrs' hash buckets (A may be 0).
         """
         b, f = x.shape
+        n_attrs = attrs.shape[1]
         out = WaveResult(
             score=np.empty(b),
             probability=np.empty(b),
             alert=np.empty(b, dtype=np.bool_),
             warm=np.empty(b, dtype=np.bool_),
             model_input=np.empty((b, f), dtype=np.float32),
-            details=np.empty((b, 1 + 2 * f), dtype=np.float32),
+            details=np.empty((b, 1 + 2 * f + n_attrs), dtype=np.float32),
         )
         _score_wave(
-            slots, x, ts, forecast, logvar, stats, clocks, self._alphas,
+            slots, x, attrs, ts, forecast, logvar, stats, clocks, self._alphas,
+            self._new_value_rates(n_attrs),
             self.threshold, 1.0 / self.long_window, self.novelty_block, self.novelty_memory,
             float(self.warmup_events), self.cooldown_seconds, self.norm_window,
             out.score, out.probability, out.alert, out.warm, out.model_input, out.details,
@@ -223,19 +265,66 @@ def _z_of_log_tail(log_p: float) -> float:
     return z + error * math.sqrt(2.0 * math.pi) * math.exp(0.5 * z * z)
 
 
+@numba.njit(cache=True)
+def _z_of_log_p(log_p: float) -> float:
+    """z with upper-tail probability exp(log_p), for any probability in (0, 1]."""
+    if log_p <= -math.log(2.0):
+        return _z_of_log_tail(log_p)
+    return -_z_of_log_tail(math.log(-math.expm1(log_p)))
+
+
+@numba.njit(cache=True, inline="always")
+def _value_tail(row, at, value, seen, new_rate):
+    """log P(a value at most as frequent as `value`) under the sketch at row[at:] of a stream
+    that has seen `seen` values: the chance of something new, plus the mass of the values seen
+    no more often than this one."""
+    own, total, singles = 0.0, 0.0, 0.0
+    for k in range(SKETCH_SLOTS):
+        count = row[at + SKETCH_SLOTS + k]
+        total += count
+        singles += 1.0 if count == 1.0 else 0.0
+        if row[at + k] == value:
+            own = count
+    p_new = min((singles + PRIOR_WEIGHT * new_rate) / (seen + PRIOR_WEIGHT), 1.0)
+    if own == 0.0:
+        return math.log(p_new)
+    rarer = 0.0
+    for k in range(SKETCH_SLOTS):
+        count = row[at + SKETCH_SLOTS + k]
+        rarer += count if count <= own else 0.0
+    return math.log(min(p_new + (1.0 - p_new) * rarer / total, 1.0))
+
+
+@numba.njit(cache=True, inline="always")
+def _count_value(row, at, value):
+    """Fold a value into the sketch: count it, or give it the slot of the least frequent value
+    (space-saving; an empty slot counts 0)."""
+    weakest = at
+    for k in range(SKETCH_SLOTS):
+        if row[at + k] == value:
+            row[at + SKETCH_SLOTS + k] += 1.0
+            return
+        if row[at + SKETCH_SLOTS + k] < row[weakest + SKETCH_SLOTS]:
+            weakest = at + k
+    row[weakest] = value
+    row[weakest + SKETCH_SLOTS] = 1.0
+
+
 @numba.njit(cache=True, parallel=True)
 def _score_wave(
-    slots, x, ts, forecast, logvar, stats, clocks, alphas,
+    slots, x, attrs, ts, forecast, logvar, stats, clocks, alphas, new_rates,
     threshold, long_alpha, novelty_block, novelty_memory, warmup, cooldown, norm_window,
     score, probability, alert, warm, model_input, details,
 ):  # fmt: skip
     b, f = x.shape
+    n_attrs = attrs.shape[1]
     w = alphas.shape[0]
     mean_at, var_at, s_at, peak_at, last_peak_at = 1, 1 + f, 1 + 2 * f, 2 + 2 * f, 3 + 2 * f
     avg_at = 4 + 2 * f
     wvar_at, rate_at, excess_at = avg_at + w, avg_at + 2 * w, avg_at + 3 * w
     last_at = avg_at + 4 * w
     run_at, repeat_at, longest_at = last_at + f, last_at + 2 * f, last_at + 3 * f
+    sketch_at = last_at + 4 * f  # one sketch of 2 * SKETCH_SLOTS floats per attr
     for i in numba.prange(b):  # the streams of a wave are distinct: rows never collide
         row = stats[slots[i]]
         count = row[0]
@@ -286,6 +375,23 @@ def _score_wave(
         log_p = max(min(log_tail, log_stuck), -LOG_P_MIN)
         zed = max(_z_of_log_tail(log_p), z_body) if log_p < 0.0 else z_body
         zed = min(max(zed, -Z_MAX), Z_MAX)
+
+        # Categories: the rarest attr value (Bonferroni over the attrs), alone and joined with
+        # the numeric evidence by Fisher's method.
+        by_attrs, log_numeric, joint = False, 0.0, 0.0
+        if n_attrs:
+            log_attr = 0.0
+            for a in range(n_attrs):
+                at = sketch_at + 2 * SKETCH_SLOTS * a
+                tail = _value_tail(row, at, float(attrs[i, a]), count, new_rates[a])
+                log_attr = min(log_attr, tail)
+            log_attr = min(log_attr + math.log(n_attrs), 0.0)
+            log_numeric = math.log(max(_ndtr(-zed), 1e-300))
+            joint = log_numeric + log_attr
+            log_combined = max(min(log_attr, joint + math.log(1.0 - joint)), -LOG_P_MIN)
+            by_attrs = log_combined < log_numeric
+            if by_attrs:
+                zed = min(max(_z_of_log_p(log_combined), -Z_MAX), Z_MAX)
         is_warm = count < warmup
         prob = 0.0 if is_warm else _ndtr(zed)
         peak, last_peak = row[peak_at], row[last_peak_at]
@@ -301,20 +407,34 @@ def _score_wave(
             clocks[slots[i], 1] = ts[i] + cooldown
         clocks[slots[i], 0] = ts[i]
 
-        # Blame: the stuck features when a run decided, else each feature's squared residual.
+        # Blame: the stuck features when a run decided, else each feature's squared residual;
+        # where the categories decided, they share it with the numbers by their evidence.
         total = 0.0
         for j in range(f):
             if log_stuck < log_tail:
                 run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
                 details[i, 1 + f + j] = max(run - row[longest_at + j], 0.0)
             total += details[i, 1 + f + j]
+        numeric_share = -log_numeric / -joint if by_attrs else 1.0
         for j in range(f):
-            details[i, 1 + f + j] /= max(total, 1e-12)
+            details[i, 1 + f + j] *= numeric_share / max(total, 1e-12)
+        for a in range(n_attrs):
+            at = sketch_at + 2 * SKETCH_SLOTS * a
+            tail = _value_tail(row, at, float(attrs[i, a]), count, new_rates[a])
+            details[i, 1 + 2 * f + a] = -tail if by_attrs else 0.0
+        if by_attrs:
+            attr_total = 0.0
+            for a in range(n_attrs):
+                attr_total += details[i, 1 + 2 * f + a]
+            for a in range(n_attrs):
+                details[i, 1 + 2 * f + a] *= (1.0 - numeric_share) / max(attr_total, 1e-12)
+        for a in range(n_attrs):
+            _count_value(row, sketch_at + 2 * SKETCH_SLOTS * a, float(attrs[i, a]))
 
         # Learn. The first two forecasts come from a state that has seen (almost) nothing.
         if count >= 2:
             alpha = max(1.0 / (count + PRIOR_WEIGHT + 1.0), long_alpha)
-            row[peak_at] = max(peak, zed)
+            row[peak_at] = peak if is_warm else max(peak, zed)
             row[last_peak_at] = last_peak
             new_normal = normal + alpha * (capped - normal)
             row[s_at] = new_normal

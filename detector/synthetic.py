@@ -54,6 +54,7 @@ CHANNELS = ("pos", "online", "atm")
 KINDS = {"sensors": SENSOR_KINDS, "transactions": TRANSACTION_KINDS, "general": ()}
 DEFAULT_START = "2026-01-01T00:00:00Z"
 NORMAL_HISTORY = 0.3  # no anomaly in this leading fraction of a stream
+NORMAL_EVENTS = 30  # nor in an account's first events: no detector knows an account before that
 LEVEL_SHIFT_LABELLED = 5  # a level shift is an anomaly on its first points only
 
 # How popular each category is, and how much a purchase there costs against an account's usual.
@@ -349,8 +350,9 @@ def transaction_streams(
     Accounts differ in activity, typical amount and spread, daily rhythm, their 2-4 habitual
     categories (out of `CATEGORIES`) and channels. Gaps between an account's events are
     exponential (a Poisson process) modulated by the time of day. With `anomalies`, about 1% of
-    the events after each account's first 30% become "unusual_amount" (8-20x its typical amount)
-    or "unusual_category" (a category the account never uses, 3-6x its typical amount).
+    the events after each account's first 30% (and first 30 events) become "unusual_amount"
+    (8-20x its typical amount) or "unusual_category" (a category the account never uses, 3-6x
+    its typical amount).
     """
     rng = np.random.default_rng(seed)
     A = n_accounts
@@ -388,9 +390,9 @@ def transaction_streams(
         chan = rng.choice(len(CHANNELS), size=n, p=chan_p)
         code = np.zeros(n, dtype=np.int8)
         episode = np.full(n, -1, dtype=np.int64)
-        first = math.ceil(NORMAL_HISTORY * n)
+        first = max(math.ceil(NORMAL_HISTORY * n), NORMAL_EVENTS)
         if anomalies and n >= 10:
-            k = min(int(rng.poisson(0.01 * n)), (n - first) // 2)
+            k = max(min(int(rng.poisson(0.01 * n)), (n - first) // 2), 0)
             spots = np.sort(rng.choice(np.arange(first, n), size=k, replace=False))
             for i in spots.tolist():
                 if rng.random() < 0.5:

@@ -16,8 +16,9 @@ import math
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,9 @@ def load_history(paths: Sequence[Path], schema: Schema, attr_buckets: int) -> Hi
     return History(streams, list(schema.features), list(schema.attrs), events, invalid)
 
 
-def _pad(history: History, window: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad(
+    history: History, window: float, log_scale: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(s.values) for s in history.streams])
     steps, f, a = int(lengths.max()), len(history.features), len(history.attrs)
     values = torch.zeros(len(history.streams), steps, f)
@@ -108,8 +111,35 @@ def _pad(history: History, window: float) -> tuple[torch.Tensor, torch.Tensor, t
     for i, stream in enumerate(history.streams):
         values[i, : len(stream.values)] = torch.from_numpy(stream.values)
         attrs[i, : len(stream.attrs)] = torch.from_numpy(stream.attrs)
+    logged = list(log_scale)
+    values[:, :, logged] = torch.from_numpy(normalization.symlog(values[:, :, logged].numpy()))
     z = normalization.normalise_sequences(values.numpy(), lengths.numpy(), window)
     return torch.from_numpy(z), attrs, lengths
+
+
+def forecaster_config(
+    config: Config, features: Sequence[str], attrs: Sequence[str], **overrides: Any
+) -> ForecasterConfig:
+    """The architecture of the `model` config section for these features and attrs."""
+    m = config.model
+    unknown = [name for name in m.log_features if name not in features]
+    if unknown:
+        raise InputError(
+            f"model.log_features: {unknown} are not features of this model "
+            f"({', '.join(features)}); list only features"
+        )
+    settings: dict[str, Any] = {
+        "n_features": len(features),
+        "cell": m.cell,
+        "hidden_size": m.hidden_size,
+        "num_layers": m.num_layers,
+        "dropout": m.dropout,
+        "n_attrs": len(attrs),
+        "attr_buckets": m.attr_buckets,
+        "attr_dim": m.attr_dim,
+        "log_scale": tuple(list(features).index(name) for name in m.log_features),
+    }
+    return ForecasterConfig(**(settings | overrides))
 
 
 def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -140,7 +170,7 @@ def fit(
     if not history.streams:
         raise InputError("no valid events to train on")
 
-    z, attrs, lengths = _pad(history, config.scoring.norm_window)
+    z, attrs, lengths = _pad(history, config.scoring.norm_window, model_config.log_scale)
     split = (lengths.float() * (1.0 - train_cfg.validation_fraction)).floor().long()  # (S,)
     steps = z.shape[1]
     time = torch.arange(steps)
@@ -177,9 +207,11 @@ def fit(
                 x = z[idx, begin:end]
                 target = z[idx, begin + 1 : end + 1]
                 mask = train_mask[idx, begin:end]
-                mean, logvar, state = model(
-                    x, attrs[idx, begin:end] if history.attrs else None, state
-                )
+                if history.attrs:
+                    step_attrs, next_attrs = attrs[idx, begin:end], attrs[idx, begin + 1 : end + 1]
+                else:
+                    step_attrs = next_attrs = None
+                mean, logvar, state = model(x, step_attrs, state, next_attrs)
                 state = state.detach()
                 if not mask.any():
                     continue
@@ -204,7 +236,10 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    calibration = _calibrate(model, z, attrs if history.attrs else None, val_mask)
+    calibration = replace(
+        _calibrate(model, z, attrs if history.attrs else None, val_mask),
+        new_value_rates=new_value_rates(history, config.scoring.warmup_events),
+    )
     metrics = {
         "train_nll": train_loss,
         "val_nll": best_loss,
@@ -217,13 +252,33 @@ def fit(
 @torch.no_grad()
 def _forecast(model: Forecaster, z: torch.Tensor, attrs: torch.Tensor | None):
     model.eval()
-    mean, logvar, _ = model(z, attrs)
+    if attrs is None:
+        mean, logvar, _ = model(z)
+    else:  # the last step has no next step: its forecast is dropped, whatever it is told
+        mean, logvar, _ = model(z, attrs, None, torch.cat([attrs[:, 1:], attrs[:, -1:]], dim=1))
     return mean[:, :-1], logvar[:, :-1], z[:, 1:]
 
 
 def _validation_loss(model, z, attrs, val_mask) -> float:
     mean, logvar, target = _forecast(model, z, attrs)
     return float(_masked_mean(gaussian_nll(mean, logvar, target), val_mask[:, :-1]))
+
+
+def new_value_rates(history: History, warmup: int) -> tuple[float, ...]:
+    """Per attr, the fraction of events after a stream's warm-up whose value the stream had not
+    shown before (with half an event of prior, so that none seen is not "impossible")."""
+    rates = []
+    for a in range(len(history.attrs)):
+        new = events = 0
+        for stream in history.streams:
+            column = stream.attrs[:, a].tolist()
+            seen = set(column[:warmup])
+            for value in column[warmup:]:
+                new += value not in seen
+                seen.add(value)
+            events += max(len(column) - warmup, 0)
+        rates.append((new + 0.5) / (events + 1.0))
+    return tuple(rates)
 
 
 def _calibrate(model, z, attrs, val_mask) -> Calibration:

@@ -140,6 +140,7 @@ class Worker:
         self.model_sha256 = snapshots.model_hash(artifact.manifest)
         self.checkpoint_path = Path(config.checkpoint.dir) / snapshots.FILENAME
         self.features = list(artifact.features)
+        self.attrs = list(artifact.attrs)
         self.threshold = float(self.engine.scorer.threshold)
         self.attr_buckets = artifact.model.config.attr_buckets
         self.summary = WorkerSummary()
@@ -591,6 +592,8 @@ class Worker:
                 contributions=result.contributions[row].tolist(),
                 model_version=version,
                 detected_at=now,
+                attrs=self.attrs,
+                observed_attrs=events[row].attrs,
             )
             self._alerts.add(stream.encode("utf-8", "surrogatepass"), value)
             alerts.append(value)

@@ -30,6 +30,7 @@ def make_result(outcome: list[int] | np.ndarray, score=None, alert=None) -> Step
         is_alert=np.zeros(n, bool) if alert is None else np.asarray(alert, bool),
         probability=np.zeros(n),
         details=np.zeros((n, 5), np.float32),
+        n_features=2,
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 from detector.events import Schema, parse_timestamp
 from detector.synthetic import (
     LEVEL_SHIFT_LABELLED,
+    NORMAL_EVENTS,
     NORMAL_HISTORY,
     SENSOR_FEATURES,
     SENSOR_KINDS,
@@ -126,6 +127,8 @@ def test_no_anomalies_when_asked_and_none_in_the_normal_history(
         for rows in by_stream(ds).values():
             history = int(np.ceil(NORMAL_HISTORY * len(rows)))
             assert all(ds.labels[i] == "" for i in rows[:history])
+    for rows in by_stream(transactions).values():  # an account is known before it is judged
+        assert all(transactions.labels[i] == "" for i in rows[:NORMAL_EVENTS])
 
 
 def test_general_corpus_is_normal_and_diverse(general: Dataset) -> None:

@@ -1,0 +1,111 @@
+"""Categorical attrs: a value new to a stream is evidence, in proportion to how rarely the stream
+(and the streams training saw) show new values."""
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from detector.config import load_config
+from detector.engine import Engine
+from detector.errors import InputError
+from detector.events import EventBatch
+from detector.kafka_io import alert_record
+from detector.model import Forecaster, ForecasterConfig
+from detector.scoring import Calibration, Scorer
+from detector.train import History, StreamHistory, forecaster_config, new_value_rates
+
+
+def engine(new_value_rate: float) -> Engine:
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_features=1, hidden_size=8, n_attrs=1, attr_buckets=64))
+    scorer = Scorer(0.9999, calibration=Calibration(new_value_rates=(new_value_rate,)))
+    return Engine(model.eval(), scorer=scorer)
+
+
+def history(categories: np.ndarray, seed: int = 0) -> EventBatch:
+    n = len(categories)
+    amounts = np.random.default_rng(seed).normal(100.0, 5.0, (n, 1)).astype(np.float32)
+    return EventBatch(["acct"] * n, np.arange(n, dtype=np.float64), amounts, categories[:, None])
+
+
+def verdict(eng: Engine, category: int, t: float = 1e6):
+    one = EventBatch(
+        ["acct"], np.array([t]), np.array([[100.0]], np.float32), np.array([[category]])
+    )
+    return eng.step_many(one)
+
+
+def habitual(n: int = 300) -> np.ndarray:
+    return np.random.default_rng(1).choice([3, 5, 8], size=n, p=[0.5, 0.3, 0.2])
+
+
+def test_a_category_new_to_a_stream_of_habits_alerts_and_takes_the_blame():
+    eng = engine(new_value_rate=1e-5)
+    eng.step_many(history(habitual()))
+    result = verdict(eng, category=40)  # an ordinary amount in a never-used category
+    assert result.is_alert[0]
+    assert result.probability[0] > 0.9999
+    amount_share, category_share = result.contributions[0]
+    assert category_share > amount_share
+    assert amount_share + category_share == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_habitual_category_is_unremarkable():
+    eng = engine(new_value_rate=1e-5)
+    eng.step_many(history(habitual()))
+    result = verdict(eng, category=8)  # the least used of the three
+    assert not result.is_alert[0]
+    assert result.probability[0] < 0.99
+
+
+def test_where_new_values_are_the_rule_one_more_is_not_news():
+    eng = engine(new_value_rate=1e-5)
+    eng.step_many(history(np.arange(300) % 64))  # a merchant id that is new most of the time
+    assert verdict(eng, category=7).probability[0] < 0.99
+
+
+def test_training_measures_how_often_warmed_up_streams_show_new_values():
+    attrs = np.array([1, 2, 1, 2, 1, 2, 3, 1, 2, 4])[:, None]  # after warm-up 4: 3 and 4 are new
+    streams = [StreamHistory("a", np.zeros((10, 1), np.float32), attrs)]
+    (rate,) = new_value_rates(History(streams, ["x"], ["kind"], 10, 0), warmup=4)
+    assert rate == pytest.approx((2 + 0.5) / (6 + 1))
+
+
+def test_log_features_must_be_features():
+    config = load_config(None)
+    model = config.model.model_copy(update={"log_features": ["amout"]})
+    with pytest.raises(InputError, match=r"model\.log_features: \['amout'\]"):
+        forecaster_config(config.model_copy(update={"model": model}), ["amount"], [])
+
+
+def test_a_log_scale_feature_is_forecast_in_its_own_units():
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(n_features=2, hidden_size=8, log_scale=(0,))).eval()
+    with torch.no_grad():  # a forecaster that predicts "the stream's usual level"
+        for p in model.parameters():
+            p.zero_()
+    eng = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
+    n = 200
+    values = np.column_stack([np.full(n, 1000.0), np.full(n, 1000.0)]).astype(np.float32)
+    values[::2] *= 1.01
+    result = eng.step_many(
+        EventBatch(["s"] * n, np.arange(n, dtype=np.float64), values, np.zeros((n, 0), np.int64))
+    )
+    # The level of the log of the values is 1000 on both scales, give or take the wobble.
+    assert result.expected[-1, 0] == pytest.approx(1005.0, rel=0.01)
+    assert result.expected[-1, 1] == pytest.approx(1005.0, rel=0.01)
+
+
+def test_an_alert_shows_the_attrs_observed_and_their_share_of_the_blame():
+    record = orjson.loads(
+        alert_record(
+            topic="tx", partition=0, offset=9, stream="acct-7", ts=0.0, score=0.99999,
+            threshold=0.9999, error=1.2, features=["amount"], observed=[42.0], expected=[40.0],
+            contributions=[0.2, 0.8, 0.0], model_version="v1", detected_at=0.0,
+            attrs=["category", "channel"], observed_attrs=["jewelry", "online"],
+        )
+    )  # fmt: skip
+    assert record["observed"] == {"amount": 42.0, "category": "jewelry", "channel": "online"}
+    assert record["expected"] == {"amount": 40.0}
+    assert record["contributions"] == {"amount": 0.2, "category": 0.8, "channel": 0.0}
