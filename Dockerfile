@@ -13,7 +13,7 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
 COPY pyproject.toml README.md ./
 COPY detector ./detector
-RUN pip install . && rm -rf /src
+RUN pip install '.[fast]' && rm -rf /src
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/detector --create-home detector \
     && mkdir -p /etc/detector

@@ -130,7 +130,7 @@ def bare_consume(bootstrap: str, topic: str, partitions: int, records: int) -> f
     return count / elapsed
 
 
-def worker_config(bootstrap: str, topic: str, state: Path, max_wait_ms: int):
+def worker_config(bootstrap: str, topic: str, state: Path, max_wait_ms: int, consumer: str):
     from detector.config import load_config
 
     tag = uuid.uuid4().hex[:6]
@@ -145,6 +145,7 @@ def worker_config(bootstrap: str, topic: str, state: Path, max_wait_ms: int):
             "DETECTOR__KAFKA__SESSION_TIMEOUT_MS": "6000",
             "DETECTOR__KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
             "DETECTOR__KAFKA__MAX_WAIT_MS": str(max_wait_ms),
+            "DETECTOR__KAFKA__CONSUMER": consumer,
             "DETECTOR__CHECKPOINT__DIR": str(state),
             "DETECTOR__CHECKPOINT__INTERVAL_SECONDS": "3600",
             "DETECTOR__ENGINE__INITIAL_CAPACITY": "131072",
@@ -211,6 +212,9 @@ def main() -> int:
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--max-wait-ms", type=int, default=100)
     parser.add_argument(
+        "--consumer", choices=["kafka-python", "librdkafka"], default="kafka-python"
+    )
+    parser.add_argument(
         "--latency-rate", type=float, default=None, help="events/s (default: half the measured)"
     )
     args = parser.parse_args()
@@ -238,7 +242,7 @@ def main() -> int:
         bare = bare_consume(bootstrap, topic, args.partitions, args.records)
         print(f"bare kafka-python consumer + json.loads: {bare:,.0f} records/s", file=sys.stderr)
 
-        config = worker_config(bootstrap, topic, work / "state", args.max_wait_ms)
+        config = worker_config(bootstrap, topic, work / "state", args.max_wait_ms, args.consumer)
         worker = Worker(config, model, serve_http=False, install_signals=False)
         warm_up(worker, args.streams)
         summary = worker.run(max_records=args.records)
@@ -287,7 +291,9 @@ def main() -> int:
         watcher.start()
         ready.wait(30)
         latency_worker = Worker(
-            worker_config(bootstrap, topic, work / "state2", args.max_wait_ms).model_copy(
+            worker_config(
+                bootstrap, topic, work / "state2", args.max_wait_ms, args.consumer
+            ).model_copy(
                 update={"kafka": config.kafka}  # same group: continue where the first one ended
             ),
             model,

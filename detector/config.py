@@ -146,6 +146,10 @@ class KafkaConfig(Section):
     max_wait_ms: int = Field(
         default=100, ge=0, description="longest a poll waits for a first record (never to fill)"
     )
+    consumer: Literal["kafka-python", "librdkafka"] = Field(
+        default="kafka-python",
+        description="consumer client; librdkafka (the `fast` extra) fetches outside the GIL",
+    )
 
 
 class MetricsConfig(Section):

@@ -257,6 +257,11 @@ class KafkaSink:
     def pending(self) -> int:
         return len(self._pending)
 
+    def acknowledged(self) -> bool:
+        """Whether the broker has answered every message added since the last flush (which
+        then only checks the answers, without waiting)."""
+        return all(not isinstance(f, Exception) and f.is_done for _, _, f in self._pending)
+
     def flush(self, timeout: float | None = 30.0) -> int:
         """Wait for every message added since the last successful flush; returns how many.
 

@@ -207,10 +207,8 @@ def fit(
                 x = z[idx, begin:end]
                 target = z[idx, begin + 1 : end + 1]
                 mask = train_mask[idx, begin:end]
-                if history.attrs:
-                    step_attrs, next_attrs = attrs[idx, begin:end], attrs[idx, begin + 1 : end + 1]
-                else:
-                    step_attrs = next_attrs = None
+                step_attrs = attrs[idx, begin:end] if history.attrs else None
+                next_attrs = attrs[idx, begin + 1 : end + 1] if history.attrs else None
                 mean, logvar, state = model(x, step_attrs, state, next_attrs)
                 state = state.detach()
                 if not mask.any():

@@ -53,6 +53,9 @@ from detector.metrics import Metrics
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_SECONDS = 5.0
+# How long the outputs of processed batches may await their acknowledgements before the loop
+# stops to wait for them (their offsets are committed only then).
+UNSETTLED_SECONDS_MAX = 0.25
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 
 
@@ -153,6 +156,8 @@ class Worker:
         # Offsets of processed batches: sent (outputs not yet acknowledged), then delivered.
         self._in_flight: dict[TopicPartition, int] = {}
         self._uncommitted: dict[TopicPartition, int] = {}
+        self._committing = False  # an async commit awaits its answer
+        self._in_flight_since = 0.0  # when the oldest unacknowledged batch was processed
         self._announce: list[bytes] = []  # alerts for `on_alert` once they are acknowledged
         self._failed = False
         self._rebalances = 0
@@ -251,8 +256,8 @@ class Worker:
                 if generation != self._rebalances and polled:
                     polled = self._owned(polled)
                 self.health.beat()
-                # The previous batch's acknowledgements arrived while this one was fetched.
-                if not self._settle():
+                # Earlier batches' acknowledgements arrived while this one was fetched.
+                if not self._settle(block=False):
                     break
                 self._commit_async()
                 if polled:
@@ -284,13 +289,7 @@ class Worker:
                 )
                 self._alerts = KafkaSink(kafka, kafka.alerts_topic, producer=self._producer)
                 self._dead = KafkaSink(kafka, kafka.dead_letter_topic, producer=self._producer)
-                self._source = KafkaSource(
-                    kafka,
-                    on_assign=self._on_assign,
-                    on_revoke=self._on_revoke,
-                    max_poll_records=self.config.engine.batch_size,
-                    bootstrap_timeout_ms=5_000,
-                )
+                self._source = self._open_source()
                 self.health.clear_problem()
                 log.info("connected to %s; subscribed to %s", kafka.bootstrap_servers, kafka.topics)
                 return True
@@ -303,6 +302,20 @@ class Worker:
                 delay = min(delay * 2, BACKOFF_MAX)
         return False
 
+    def _open_source(self) -> Any:
+        kafka = self.config.kafka
+        if kafka.consumer == "librdkafka":
+            from detector.rdkafka_io import RdkafkaSource  # the optional `fast` extra
+
+            return RdkafkaSource(kafka, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        return KafkaSource(
+            kafka,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            max_poll_records=self.config.engine.batch_size,
+            bootstrap_timeout_ms=5_000,
+        )
+
     def _close_clients(self) -> None:
         if self._source is not None:
             self._source.close()
@@ -314,11 +327,22 @@ class Worker:
                 log.warning("closing the producer: %s", exc)
             self._producer = None
 
-    def _settle(self) -> bool:
+    def _settle(self, block: bool = True) -> bool:
         """Wait until the outputs of every processed batch are acknowledged; their offsets then
         become committable. False, with nothing committable, if stopped while the broker is down
-        (Kafka then delivers those records again to the next worker)."""
+        (Kafka then delivers those records again to the next worker).
+
+        Unless `block`, return at once while acknowledgements are still on their way, for up to
+        UNSETTLED_SECONDS_MAX: a batch with alerts then costs no round trip of its own.
+        """
         if not self._in_flight:
+            return True
+        assert self._alerts is not None and self._dead is not None
+        if (
+            not block
+            and time.monotonic() - self._in_flight_since < UNSETTLED_SECONDS_MAX
+            and not (self._alerts.acknowledged() and self._dead.acknowledged())
+        ):
             return True
         if not self._deliver():
             self._failed = True
@@ -390,10 +414,11 @@ class Worker:
         is superseded by the next one; shutdown, revoke and checkpoints commit synchronously.
         """
         offsets = dict(self._uncommitted)
-        if not offsets or self._source is None:
+        if not offsets or self._source is None or self._committing:
             return
 
         def done(_committed: dict, response: Any) -> None:
+            self._committing = False
             if isinstance(response, Exception):
                 log.warning("async commit failed (the next commit covers it): %s", response)
                 return
@@ -404,6 +429,9 @@ class Worker:
 
         try:
             self._source.commit_async(offsets, done)
+            # One commit in flight at a time: sending one per batch while the answers lag
+            # queues commits in the client faster than the broker answers them.
+            self._committing = True
         except KafkaError as exc:
             log.warning("async commit not sent: %s", exc)
 
@@ -598,6 +626,8 @@ class Worker:
             self._alerts.add(stream.encode("utf-8", "surrogatepass"), value)
             alerts.append(value)
 
+        if not self._in_flight:
+            self._in_flight_since = time.monotonic()
         self._in_flight.update(next_offsets)
         if self.on_alert is not None:
             self._announce.extend(alerts)

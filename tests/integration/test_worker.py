@@ -48,8 +48,21 @@ def names(prefix: str) -> dict[str, str]:
     }
 
 
-def make_env(broker: EmbeddedBroker, n: dict[str, str], state: Path, **extra: str) -> dict:
+@pytest.fixture(params=["kafka-python", "librdkafka"])
+def consumer(request: pytest.FixtureRequest) -> str:
+    """Both consumer clients pass the same tests."""
+    return request.param
+
+
+def make_env(
+    broker: EmbeddedBroker,
+    n: dict[str, str],
+    state: Path,
+    consumer: str = "kafka-python",
+    **extra: str,
+) -> dict:
     env = {
+        "DETECTOR__KAFKA__CONSUMER": consumer,
         "DETECTOR__KAFKA__BOOTSTRAP_SERVERS": f"[{broker.bootstrap_servers}]",
         "DETECTOR__KAFKA__TOPICS": f"[{n['topic']}]",
         "DETECTOR__KAFKA__ALERTS_TOPIC": n["alerts"],
@@ -142,12 +155,12 @@ def encode(events: list[dict]) -> list[tuple[bytes, bytes]]:
     return [(e["stream"].encode(), orjson.dumps(e)) for e in events]
 
 
-def in_process_worker(broker, n, tmp_path, model_dir, **extra) -> Worker:
-    config = load_config(None, environ=make_env(broker, n, tmp_path / "state", **extra))
+def in_process_worker(broker, n, tmp_path, model_dir, consumer="kafka-python", **extra) -> Worker:
+    config = load_config(None, environ=make_env(broker, n, tmp_path / "state", consumer, **extra))
     return Worker(config, load_artifact(model_dir), serve_http=False, install_signals=False)
 
 
-def test_an_injected_anomaly_becomes_an_alert(broker, model_dir, tmp_path):
+def test_an_injected_anomaly_becomes_an_alert(broker, model_dir, tmp_path, consumer):
     n = names("alert")
     setup_topics(broker, n)
     events = sensor_events(3, 120, seed=1)
@@ -155,7 +168,7 @@ def test_an_injected_anomaly_becomes_an_alert(broker, model_dir, tmp_path):
     events[spike]["values"]["temperature"] *= 40.0
     produce(broker, n["topic"], encode(events))
 
-    worker = in_process_worker(broker, n, tmp_path, model_dir)
+    worker = in_process_worker(broker, n, tmp_path, model_dir, consumer)
     summary = worker.run(idle_exit=2.0, duration=60)
     assert summary.records == len(events)
     assert summary.scored + summary.warmup == len(events)
@@ -205,7 +218,7 @@ MALFORMED = [
 
 
 def test_malformed_records_go_to_the_dead_letter_topic_and_counts_add_up(
-    broker, model_dir, tmp_path
+    broker, model_dir, tmp_path, consumer
 ):
     n = names("poison")
     setup_topics(broker, n)
@@ -220,7 +233,7 @@ def test_malformed_records_go_to_the_dead_letter_topic_and_counts_add_up(
             records.append((b"pump-0", payload))
     produce(broker, n["topic"], records)
 
-    worker = in_process_worker(broker, n, tmp_path, model_dir)
+    worker = in_process_worker(broker, n, tmp_path, model_dir, consumer)
     summary = worker.run(idle_exit=2.0, duration=60)
 
     assert summary.records == len(records)
@@ -298,7 +311,9 @@ def last_json(stdout: bytes) -> dict:
     return orjson.loads(stdout.decode().strip().splitlines()[-1])
 
 
-def test_sigkill_mid_stream_then_restart_loses_and_skips_nothing(broker, model_dir, tmp_path):
+def test_sigkill_mid_stream_then_restart_loses_and_skips_nothing(
+    broker, model_dir, tmp_path, consumer
+):
     n = names("kill")
     partitions = 2
     setup_topics(broker, n, partitions=partitions)
@@ -315,6 +330,7 @@ def test_sigkill_mid_stream_then_restart_loses_and_skips_nothing(broker, model_d
         broker,
         n,
         tmp_path / "state",
+        consumer,
         DETECTOR__ENGINE__BATCH_SIZE="250",
         DETECTOR__CHECKPOINT__INTERVAL_SECONDS="0.5",
     )
@@ -367,12 +383,12 @@ def test_sigkill_mid_stream_then_restart_loses_and_skips_nothing(broker, model_d
     assert summary["scored"] + summary["warmup"] + summary["invalid"] == summary["records"]
 
 
-def test_sigterm_exits_cleanly_with_offsets_committed(broker, model_dir, tmp_path):
+def test_sigterm_exits_cleanly_with_offsets_committed(broker, model_dir, tmp_path, consumer):
     n = names("term")
     setup_topics(broker, n, partitions=2)
     records = encode(sensor_events(200, 150, seed=5))
     produce(broker, n["topic"], records)
-    env = make_env(broker, n, tmp_path / "state", DETECTOR__ENGINE__BATCH_SIZE="500")
+    env = make_env(broker, n, tmp_path / "state", consumer, DETECTOR__ENGINE__BATCH_SIZE="500")
     worker = start_worker(model_dir, env, tmp_path, "--idle-exit", "30")
     try:
         wait_for_commit(broker, n["group"], n["topic"], worker, above=1000)
@@ -402,7 +418,7 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_a_broker_outage_mid_run_is_reported_then_nothing_is_lost(model_dir, tmp_path):
+def test_a_broker_outage_mid_run_is_reported_then_nothing_is_lost(model_dir, tmp_path, consumer):
     """The broker freezes (SIGSTOP: unreachable, its data kept) while the worker runs; /healthz
     reports it, and once the broker is back the worker reads on without skipping a record."""
     with EmbeddedBroker() as own:  # not the session's broker: this test freezes it
@@ -411,7 +427,7 @@ def test_a_broker_outage_mid_run_is_reported_then_nothing_is_lost(model_dir, tmp
         events = sensor_events(20, 100, seed=6)
         half = len(events) // 2
         produce(own, n["topic"], encode(events[:half]))
-        worker = in_process_worker(own, n, tmp_path, model_dir)
+        worker = in_process_worker(own, n, tmp_path, model_dir, consumer)
         runner = threading.Thread(target=worker.run, kwargs={"duration": 120}, daemon=True)
         runner.start()
         try:
