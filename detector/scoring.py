@@ -17,7 +17,7 @@
    never uses. Each categorical attr keeps a small sketch of the stream's most frequent values
    (`SKETCH_SLOTS` values and their counts). The tail probability of a value is the chance of a
    value at most as frequent. For a value the stream has not shown, that is the chance of
-   something new: the Good-Turing estimate (values seen once, over values seen) shrunk toward
+   something new: the Good-Turing estimate (values seen once, over events seen) shrunk toward
    the rate of new values that training measured on warmed-up streams (`PRIOR_WEIGHT` events
    of trust), so an account that has used three categories for a hundred purchases makes a
    fourth improbable, while a merchant-id attr that is new half the time never is. The
