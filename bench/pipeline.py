@@ -204,6 +204,48 @@ def warm_up(worker, streams: int) -> None:
             )
 
 
+def _group_member(config, model_dir: str, streams: int, start, results) -> None:
+    """One worker process of a scaled-out group: warm, wait for the others, read until idle."""
+    torch.set_num_threads(1)
+    from detector.artifact import load_artifact
+    from detector.worker import Worker
+
+    worker = Worker(config, load_artifact(model_dir), serve_http=False, install_signals=False)
+    warm_up(worker, streams)
+    start.wait()
+    summary = worker.run(idle_exit=3.0, duration=300)
+    results.put((summary.records, summary.first_data, summary.last_batch))
+
+
+def scale_out(config, model_dir: Path, streams: int, workers: int) -> tuple[float, int]:
+    """events/s of `workers` worker processes in one consumer group reading the whole topic
+    (time.monotonic is one clock for all processes here), and how many records they read."""
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(workers), context.Queue()
+    members = [
+        context.Process(
+            target=_group_member,
+            args=(
+                config.model_copy(
+                    update={"checkpoint": config.checkpoint.model_copy(
+                        update={"dir": Path(config.checkpoint.dir) / f"member-{k}"})}
+                ),
+                str(model_dir), streams, start, results,
+            ),
+        )
+        for k in range(workers)
+    ]  # fmt: skip
+    for member in members:
+        member.start()
+    answers = [results.get(timeout=600) for _ in members]
+    for member in members:
+        member.join(30)
+    records = sum(n for n, _, _ in answers)
+    first = min(t for n, t, _ in answers if n)
+    last = max(t for n, _, t in answers if n)
+    return records / (last - first), records
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=400_000)
@@ -213,6 +255,9 @@ def main() -> int:
     parser.add_argument("--max-wait-ms", type=int, default=100)
     parser.add_argument(
         "--consumer", choices=["kafka-python", "librdkafka"], default="kafka-python"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="also time this many worker processes in one group"
     )
     parser.add_argument(
         "--latency-rate", type=float, default=None, help="events/s (default: half the measured)"
@@ -230,7 +275,8 @@ def main() -> int:
     from detector.worker import Worker
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    model = load_artifact(make_model(work / "model"))
+    model_dir = make_model(work / "model")
+    model = load_artifact(model_dir)
     with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers
         topic = "bench-events"
@@ -254,6 +300,20 @@ def main() -> int:
             f"{rate / bare:.0%} of the bare consumer)",
             file=sys.stderr,
         )
+
+        group_rate = None
+        if args.workers > 1:
+            group_config = worker_config(
+                bootstrap, topic, work / "group-state", args.max_wait_ms, args.consumer
+            )
+            group_rate, group_records = scale_out(
+                group_config, model_dir, args.streams, args.workers
+            )
+            print(
+                f"{args.workers} worker processes in one group: {group_rate:,.0f} records/s "
+                f"({group_records} records read, {group_rate / rate:.2f}x one worker)",
+                file=sys.stderr,
+            )
 
         # ---- latency at half the measured rate -------------------------------------------
         target = args.latency_rate or rate / 2
@@ -349,6 +409,9 @@ def main() -> int:
         "hidden": HIDDEN,
         "features": len(FEATURES),
         "max_wait_ms": args.max_wait_ms,
+        "consumer": args.consumer,
+        "workers": args.workers,
+        "group_events_per_s": None if group_rate is None else round(group_rate),
     }
     print(json.dumps(result))
     return 0
