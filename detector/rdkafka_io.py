@@ -66,7 +66,10 @@ class RdkafkaSource:
         on_revoke: Callable[[list[TopicPartition]], None] | None = None,
         consumer_factory: Callable[[dict], Any] = ck.Consumer,
     ) -> None:
-        self._commit_callbacks: deque[tuple[dict, Callable | None]] = deque()
+        # Async commits awaiting librdkafka's answer, oldest first. Only async commits answer
+        # through on_commit (a synchronous one raises instead), so each answer is matched to
+        # the oldest commit of the same offsets, not merely to the oldest commit.
+        self._commit_callbacks: deque[tuple[dict, Callable]] = deque()
         self.consumer = consumer_factory(
             {
                 **rdkafka_options(config),
@@ -88,12 +91,13 @@ class RdkafkaSource:
             on_revoke=lambda _c, parts: revoke(_ours(parts)),
         )
 
-    def _committed(self, error, _partitions) -> None:
-        if not self._commit_callbacks:
-            return
-        offsets, callback = self._commit_callbacks.popleft()
-        if callback is not None:
-            callback(offsets, KafkaError(str(error)) if error else None)
+    def _committed(self, error, partitions) -> None:
+        answered = {TopicPartition(p.topic, p.partition): p.offset for p in partitions}
+        for k, (offsets, callback) in enumerate(self._commit_callbacks):
+            if offsets == answered:
+                del self._commit_callbacks[k]
+                callback(offsets, KafkaError(str(error)) if error else None)
+                return
 
     def poll(
         self, batch_size: int, max_wait_ms: int, stop: Callable[[], bool] = lambda: False
@@ -141,7 +145,6 @@ class RdkafkaSource:
         """Commit `offsets` (the next offset to read, per partition); raises KafkaError."""
         if not offsets:
             return
-        self._commit_callbacks.append((dict(offsets), None))
         try:
             self.consumer.commit(offsets=self._offsets(offsets), asynchronous=False)
         except ck.KafkaException as exc:
@@ -156,7 +159,7 @@ class RdkafkaSource:
         later poll."""
         if not offsets:
             return
-        self._commit_callbacks.append((dict(offsets), callback))
+        self._commit_callbacks.append((dict(offsets), callback or (lambda _o, _e: None)))
         try:
             self.consumer.commit(offsets=self._offsets(offsets), asynchronous=True)
         except ck.KafkaException as exc:

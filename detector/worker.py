@@ -382,10 +382,7 @@ class Worker:
             try:
                 assert self._source is not None
                 self._source.commit(offsets)
-                self.summary.commits += 1
-                for tp, offset in offsets.items():
-                    if self._uncommitted.get(tp) == offset:
-                        del self._uncommitted[tp]
+                self._committed(offsets)
                 if delay != BACKOFF_START:
                     self.health.clear_problem()
                 return True
@@ -406,6 +403,16 @@ class Worker:
                 delay = min(delay * 2, BACKOFF_MAX)
         return True
 
+    def _committed(self, offsets: dict[TopicPartition, int]) -> None:
+        """The broker took `offsets`: forget those that nothing later has superseded. A
+        successful commit also ends the wait for an async one, whose answer, if it never comes
+        (a client closed under it), must not stop async commits for good."""
+        self.summary.commits += 1
+        self._committing = False
+        for tp, offset in offsets.items():
+            if self._uncommitted.get(tp) == offset:
+                del self._uncommitted[tp]
+
     def _commit_async(self) -> None:
         """Commit the delivered offsets without waiting for the broker's answer.
 
@@ -417,15 +424,12 @@ class Worker:
         if not offsets or self._source is None or self._committing:
             return
 
-        def done(_committed: dict, response: Any) -> None:
+        def done(_answered: dict, response: Any) -> None:
             self._committing = False
             if isinstance(response, Exception):
                 log.warning("async commit failed (the next commit covers it): %s", response)
                 return
-            self.summary.commits += 1
-            for tp, offset in offsets.items():
-                if self._uncommitted.get(tp) == offset:
-                    del self._uncommitted[tp]
+            self._committed(offsets)
 
         try:
             self._source.commit_async(offsets, done)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import confluent_kafka as ck
 import pytest
 from kafka import TopicPartition
 from kafka.errors import KafkaError
@@ -112,10 +113,15 @@ def test_commit_callbacks_get_their_offsets_in_order():
     src = source([])
     answers = []
     src.commit_async({TP: 10}, lambda offsets, error: answers.append((offsets, error)))
+    src.commit({TP: 15})  # synchronous: librdkafka answers it by returning, not through on_commit
     src.commit_async({TP: 20}, lambda offsets, error: answers.append((offsets, error)))
-    assert src.consumer.commits == [([("events", 0, 10)], True), ([("events", 0, 20)], True)]
+    assert src.consumer.commits == [
+        ([("events", 0, 10)], True),
+        ([("events", 0, 15)], False),
+        ([("events", 0, 20)], True),
+    ]
     on_commit = src.consumer.options["on_commit"]  # librdkafka calls it from inside a poll
-    on_commit(None, [])
-    on_commit("broker gone", [])
+    on_commit(None, [ck.TopicPartition("events", 0, 10)])
+    on_commit("broker gone", [ck.TopicPartition("events", 0, 20)])
     assert answers[0] == ({TP: 10}, None)
     assert answers[1][0] == {TP: 20} and isinstance(answers[1][1], KafkaError)
