@@ -384,6 +384,7 @@ def _score_wave(
             for a in range(n_attrs):
                 at = sketch_at + 2 * SKETCH_SLOTS * a
                 tail = _value_tail(row, at, float(attrs[i, a]), count, new_rates[a])
+                details[i, 1 + 2 * f + a] = abs(tail)  # its evidence (tail <= 0), for the blame
                 log_attr = min(log_attr, tail)
             log_attr = min(log_attr + math.log(n_attrs), 0.0)
             log_numeric = math.log(max(_ndtr(-zed), 1e-300))
@@ -418,16 +419,12 @@ def _score_wave(
         numeric_share = -log_numeric / -joint if by_attrs else 1.0
         for j in range(f):
             details[i, 1 + f + j] *= numeric_share / max(total, 1e-12)
+        attr_total = 0.0
         for a in range(n_attrs):
-            at = sketch_at + 2 * SKETCH_SLOTS * a
-            tail = _value_tail(row, at, float(attrs[i, a]), count, new_rates[a])
-            details[i, 1 + 2 * f + a] = -tail if by_attrs else 0.0
-        if by_attrs:
-            attr_total = 0.0
-            for a in range(n_attrs):
-                attr_total += details[i, 1 + 2 * f + a]
-            for a in range(n_attrs):
-                details[i, 1 + 2 * f + a] *= (1.0 - numeric_share) / max(attr_total, 1e-12)
+            attr_total += details[i, 1 + 2 * f + a]
+        for a in range(n_attrs):
+            share = (1.0 - numeric_share) / max(attr_total, 1e-12) if by_attrs else 0.0
+            details[i, 1 + 2 * f + a] *= share
         for a in range(n_attrs):
             _count_value(row, sketch_at + 2 * SKETCH_SLOTS * a, float(attrs[i, a]))
 
