@@ -64,6 +64,7 @@ def parse_timestamp(value: Any) -> float:
     """
     if isinstance(value, bool):
         raise InvalidRecord("bad_timestamp", f"not a time: {value!r}")
+    seconds: float | None
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
@@ -76,10 +77,10 @@ def parse_timestamp(value: Any) -> float:
                 seconds = float(text)
             except ValueError:
                 seconds = _iso_seconds(text)
-        if seconds is None:
-            raise InvalidRecord("bad_timestamp", f"not RFC 3339 or epoch seconds: {value!r}")
     else:
         raise InvalidRecord("bad_timestamp", f"not a time: {value!r}")
+    if seconds is None:
+        raise InvalidRecord("bad_timestamp", f"not RFC 3339 or epoch seconds: {value!r}")
     if not math.isfinite(seconds):
         raise InvalidRecord("bad_timestamp", f"not a finite time: {value!r}")
     return seconds
