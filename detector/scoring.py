@@ -12,8 +12,23 @@
 4. Stuck signals: the forecaster cannot see an error that is too *small*, so each feature also
    keeps the length of its current run of exactly repeated values and the stream's long-run rate
    of repeats p. A run of k repeats has probability p^k under normal behaviour; its z-score joins
-   the others. A counter stream that often repeats learns a high p and is not flagged.
-5. Categories: a forecaster of numbers cannot say that a card was used in a category its owner
+   the others, and once it is below `STUCK_LOG_P` the run counts as stuck at one fixed level, so
+   that it is news (and alerts) once. A counter stream that often repeats learns a high p and is
+   not flagged.
+5. Own tails: the windows' tails are fitted (an exponential beyond 2 sd), and a bursty stream
+   goes that far more often than the fit says. Each stream counts the share of its events that
+   reached each of the `TAIL_EDGES` levels; the probability of a z is the fitted one mixed with
+   the counted share (carried above the last level by the fitted shape), the fit trusted as
+   much as `TAIL_TRUST` counted events. A stream of tweet volumes whose 4-sd bursts are weekly
+   events learns that they are; no anomaly teaches a stream that the far tail is normal.
+6. Records: a value beyond the highest (lowest) the stream has shown, by more than
+   `RECORD_MARGIN` of their range. Among n exchangeable values the newest is a record with
+   probability 1/n, so records are expected ln(n) + 0.58 times by the n-th value; a stream that
+   sets more (drift, a cycle not yet seen in full) raises its own record rate, and the excess
+   beyond the old record is exponential with the stream's mean excess (prior `RECORD_SCALE`).
+   This sees what a forecaster that follows the series cannot: the first time it goes where it
+   has never been. Extremes beyond the stream's normal band fade over `RECORD_MEMORY` events.
+7. Categories: a forecaster of numbers cannot say that a card was used in a category its owner
    never uses. Each categorical attr keeps a small sketch of the stream's most frequent values
    (`SKETCH_SLOTS` values and their counts). The tail probability of a value is the chance of a
    value at most as frequent. For a value the stream has not shown, that is the chance of
@@ -24,13 +39,14 @@
    rarest attr (Bonferroni over the attrs) is one more piece of evidence beside the numeric
    ones, and so is its combination with them by Fisher's method: a new category with a
    middling amount is more than either alone.
-6. Probability = Phi(max z): the probability that normal behaviour would look less surprising.
+8. Probability = Phi(max z) over the windows (own tails), the stuck runs and the records: the
+   probability that normal behaviour would look less surprising.
    High means anomalous. Statistics start from the model's validation statistics (a prior worth
    `PRIOR_WEIGHT` events), then follow the stream over `long_window` events, winsorised so no
    single event dominates. A lasting change (a level shift) therefore stops alerting once it
    has become the stream's normal; the engine keeps anomalous values out of the value
    normalisation (river's `protect_anomaly_detector`).
-7. Score = the probability, but only where this event is *news*: more surprising than anything
+9. Score = the probability, but only where this event is *news*: more surprising than anything
    the stream showed within the last `novelty_window` events. The recent maximum is kept as two
    block maxima (the current block of novelty_window / 2 events and the one before), so it spans
    between half and all of the window in two floats, and then forgets completely. (A peak that
@@ -84,6 +100,19 @@ STUCK_LOG_P_MIN = 15.0  # a stuck run is never more improbable than e^-15 (z ~ 5
 SKETCH_SLOTS = 8  # most frequent values remembered per categorical attr and stream
 NEW_VALUE_RATE = 0.01  # prior rate of values new to a stream, where training measured none
 Z_MAX = 8.0  # z-scores are capped here: 1 - Phi(8) ~ 6e-16 is still a distinct float64
+STUCK_LOG_P = 9.2  # a run this improbable (1e-4, the default alert level) is taken as stuck
+# z levels at which a stream counts its own events. Beyond the last, the stream's share there is
+# carried on by the fitted shape: no anomaly, however long, teaches the stream that the far tail
+# is normal.
+TAIL_EDGES = np.arange(2.0, 4.01, 0.25)
+TAIL_TRUST = 10000.0  # events' worth of trust in the fitted tails against the counted ones
+TAIL_MEMORY = 1e5  # events over which the counts are kept (exponentially)
+RECORD_MARGIN = 0.01  # a record counts once it beats the old one by this share of the range
+RECORD_SCALE = 0.05  # prior mean excess of a record beyond the margin, as a share of the range
+RECORD_PRIOR = 10.0  # records' worth of trust in the exchangeable record rate and the prior excess
+RECORD_MEMORY = 2e4  # events over which an extreme beyond the normal band is forgotten
+RECORD_BAND = 3.0  # ... the band: value mean +- this many sd
+EULER = 0.5772156649015329
 
 
 @dataclass(frozen=True)
@@ -141,6 +170,8 @@ class Scorer:
      peak z of the last block |
      window averages (W) | their variances (W) | tail rates (W) | tail excesses (W) |
      last value (F) | repeat run (F) | repeat rate (F) | longest recent run (F) |
+     record high (F) | record low (F) | records seen (F) | their summed excess (F) |
+     events counted at each TAIL_EDGES level (E) | events (1) |
      per categorical attr: the sketch's values (SKETCH_SLOTS) and their counts (SKETCH_SLOTS)]
     """
 
@@ -178,7 +209,10 @@ class Scorer:
         return rates
 
     def width(self, n_features: int, n_attrs: int = 0) -> int:
-        return 4 + 4 * len(self.windows) + 6 * n_features + 2 * SKETCH_SLOTS * n_attrs
+        return (
+            5 + 4 * len(self.windows) + 10 * n_features + len(TAIL_EDGES)
+            + 2 * SKETCH_SLOTS * n_attrs
+        )  # fmt: skip
 
     def initial_row(self, n_features: int, n_attrs: int = 0) -> np.ndarray:
         """A new stream's statistics: no values seen, surprise at the calibration prior."""
@@ -197,6 +231,9 @@ class Scorer:
                 np.zeros(f),  # current run of repeats
                 np.full(f, REPEAT_PRIOR),
                 np.zeros(f),  # longest recent run
+                np.full(2 * f, np.nan),  # record high and low: none yet
+                np.zeros(2 * f),  # no records
+                np.zeros(len(TAIL_EDGES) + 1),  # no events counted
                 *(empty_sketch * n_attrs),
             ]
         ).astype(np.float32)
@@ -310,6 +347,52 @@ def _count_value(row, at, value):
     row[weakest + SKETCH_SLOTS] = 1.0
 
 
+@numba.njit(cache=True, inline="always")
+def _own_tail_z(z, row, at, edges):
+    """z recalibrated to the stream's own tail: the fitted tail probability Q(z), mixed with the
+    share of the stream's events counted at or above z's level (scaled within the level by Q's
+    shape), trusting the fit as much as TAIL_TRUST counted events."""
+    if not z > edges[0]:
+        return z
+    k = 0
+    while k + 1 < len(edges) and edges[k + 1] <= z:
+        k += 1
+    q = _ndtr(-z)
+    counted = min(row[at + len(edges)], TAIL_MEMORY)
+    own = row[at + k] * q / _ndtr(-edges[k])
+    p = (counted * own + TAIL_TRUST * q) / (counted + TAIL_TRUST)
+    return _z_of_log_p(max(math.log(p), -LOG_P_MIN))
+
+
+@numba.njit(cache=True, inline="always")
+def _beyond_record(x, high, low):
+    """How far x lies beyond the stream's record high or low, as a share of their range beyond
+    RECORD_MARGIN (<= 0: not a record; NaN until a value was seen)."""
+    span = max(high - low, 1e-6 * max(abs(high), abs(low)) + 1e-12)
+    return max(x - high, low - x) / span - RECORD_MARGIN
+
+
+@numba.njit(cache=True, inline="always")
+def _record_excess(row, at, f):
+    """A feature's mean excess of records beyond the margin: its records' own (row[at] of them,
+    summed at row[at + f]) shrunk toward RECORD_SCALE."""
+    return (row[at + f] + RECORD_PRIOR * RECORD_SCALE) / (row[at] + RECORD_PRIOR)
+
+
+@numba.njit(cache=True, inline="always")
+def _record_log_p(row, at, f, beyond, count):
+    """log P(a record `beyond` the margin) for the feature whose records are counted at row[at].
+
+    Among n exchangeable values the newest is a record with probability 1/n, so about
+    H(n) = ln n + 0.577 records are expected by the n-th. A stream that has set more (a drift, a
+    cycle not yet seen in full) raises its record rate by its count over H(n), shrunk toward 1;
+    the excess beyond the margin is exponential with the stream's own mean excess."""
+    n = min(count, RECORD_MEMORY)
+    expected = math.log(n) + EULER + (count - n) / RECORD_MEMORY  # H(n), then 1/M per event
+    rate = (row[at] + RECORD_PRIOR) / (expected + RECORD_PRIOR) / n
+    return min(math.log(rate), 0.0) - beyond / _record_excess(row, at, f)
+
+
 @numba.njit(cache=True, parallel=True)
 def _score_wave(
     slots, x, attrs, ts, forecast, logvar, stats, clocks, alphas, new_rates,
@@ -319,12 +402,17 @@ def _score_wave(
     b, f = x.shape
     n_attrs = attrs.shape[1]
     w = alphas.shape[0]
+    edges = TAIL_EDGES
+    n_edges = len(edges)
     mean_at, var_at, s_at, peak_at, last_peak_at = 1, 1 + f, 1 + 2 * f, 2 + 2 * f, 3 + 2 * f
     avg_at = 4 + 2 * f
     wvar_at, rate_at, excess_at = avg_at + w, avg_at + 2 * w, avg_at + 3 * w
     last_at = avg_at + 4 * w
     run_at, repeat_at, longest_at = last_at + f, last_at + 2 * f, last_at + 3 * f
-    sketch_at = last_at + 4 * f  # one sketch of 2 * SKETCH_SLOTS floats per attr
+    high_at, low_at = last_at + 4 * f, last_at + 5 * f
+    records_at, excess_sum_at = last_at + 6 * f, last_at + 7 * f
+    counts_at = last_at + 8 * f  # E levels, then the number of events counted
+    sketch_at = counts_at + n_edges + 1  # one sketch of 2 * SKETCH_SLOTS floats per attr
     for i in numba.prange(b):  # the streams of a wave are distinct: rows never collide
         row = stats[slots[i]]
         count = row[0]
@@ -361,20 +449,33 @@ def _score_wave(
                 log_tail = min(log_tail, tail)
             row[avg_at + k] = average if count >= 2 else row[avg_at + k]
 
-        # Stuck signals: runs beyond the longest recent one, each extra repeat with rate p.
+        # Stuck signals: runs beyond the longest recent one, each extra repeat with rate p. The
+        # evidence grows with the run until STUCK_LOG_P, then jumps to its cap and stays there:
+        # a stuck sensor is one finding (one alert), not one that worsens with every repeat.
         log_stuck = 0.0
         for j in range(f):
             run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
             excess = max(run - row[longest_at + j], 0.0)
             if row[repeat_at + j] < STUCK_RATE_MAX:  # only where exact repeats are rare
                 log_stuck = min(log_stuck, excess * math.log(max(row[repeat_at + j], REPEAT_FLOOR)))
+        log_stuck = -STUCK_LOG_P_MIN if log_stuck <= -STUCK_LOG_P else log_stuck
+        log_fit = max(min(log_tail, log_stuck), -LOG_P_MIN)
+        z_fit = max(_z_of_log_tail(log_fit), z_body) if log_fit < 0.0 else z_body
 
-        # A run only says "unusually flat", never "certainly anomalous": it is capped below the
-        # evidence that forecast errors can give.
-        log_stuck = max(log_stuck, -STUCK_LOG_P_MIN)
-        log_p = max(min(log_tail, log_stuck), -LOG_P_MIN)
-        zed = max(_z_of_log_tail(log_p), z_body) if log_p < 0.0 else z_body
-        zed = min(max(zed, -Z_MAX), Z_MAX)
+        # The fitted tails, checked against how often this stream really went that far.
+        z_own = _own_tail_z(z_fit, row, counts_at, edges)
+
+        # Records: a value beyond every one the stream has shown.
+        log_record = 0.0
+        if count >= 2:
+            for j in range(f):
+                beyond = _beyond_record(x[i, j], row[high_at + j], row[low_at + j])
+                if beyond > 0.0:
+                    log_record = min(log_record, _record_log_p(row, records_at + j, f, beyond, count))
+        log_record = max(min(log_record + math.log(f), 0.0), -LOG_P_MIN)  # Bonferroni
+        z_record = _z_of_log_p(log_record) if log_record < 0.0 else -Z_MAX
+        by_record = z_record > z_own
+        zed = min(max(max(z_own, z_record), -Z_MAX), Z_MAX)
 
         # Categories: the rarest attr value (Bonferroni over the attrs), alone and joined with
         # the numeric evidence by Fisher's method.
@@ -395,11 +496,14 @@ def _score_wave(
                 zed = min(max(_z_of_log_p(log_combined), -Z_MAX), Z_MAX)
         is_warm = count < warmup
         prob = 0.0 if is_warm else _ndtr(zed)
+
+        # News: more surprising than the recent peaks. Compared as float32, the precision the
+        # peaks are stored in, so that a run of equal surprise is not news again and again.
         peak, last_peak = row[peak_at], row[last_peak_at]
         if count % novelty_block == 0:  # a new block: this block's peak becomes the last's
             last_peak = peak if novelty_memory else TAIL_Z
             peak = TAIL_Z
-        news = zed > max(peak, last_peak)  # strictly: a run at the z cap is not news
+        news = np.float32(zed) > max(peak, last_peak)
         probability[i] = prob
         score[i] = prob if (news or is_warm) else _ndtr(min(zed, TAIL_Z))
         warm[i] = is_warm
@@ -408,11 +512,15 @@ def _score_wave(
             clocks[slots[i], 1] = ts[i] + cooldown
         clocks[slots[i], 0] = ts[i]
 
-        # Blame: the stuck features when a run decided, else each feature's squared residual;
-        # where the categories decided, they share it with the numbers by their evidence.
+        # Blame: the record-breaking features when a record decided, the stuck ones when a run
+        # did, else each feature's squared residual; where the categories decided, they share
+        # it with the numbers by their evidence.
         total = 0.0
         for j in range(f):
-            if log_stuck < log_tail:
+            if by_record:
+                beyond = _beyond_record(x[i, j], row[high_at + j], row[low_at + j])
+                details[i, 1 + f + j] = max(beyond, 0.0)
+            elif log_stuck < log_tail:
                 run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
                 details[i, 1 + f + j] = max(run - row[longest_at + j], 0.0)
             total += details[i, 1 + f + j]
@@ -428,11 +536,35 @@ def _score_wave(
         for a in range(n_attrs):
             _count_value(row, sketch_at + 2 * SKETCH_SLOTS * a, float(attrs[i, a]))
 
+        # Records follow every value; an extreme beyond the normal band fades over
+        # RECORD_MEMORY events, so that a stream that has moved on is judged by its new range.
+        for j in range(f):
+            high, low = row[high_at + j], row[low_at + j]
+            if math.isnan(high):
+                row[high_at + j], row[low_at + j] = x[i, j], x[i, j]
+            else:
+                beyond = _beyond_record(x[i, j], high, low)
+                if beyond > 0.0 and count >= 2:
+                    mean_excess = _record_excess(row, records_at + j, f)
+                    row[records_at + j] += 1.0
+                    row[excess_sum_at + j] += min(beyond, 10.0 * mean_excess)
+                band = RECORD_BAND * scale(row[mean_at + j], row[var_at + j])
+                top, bottom = row[mean_at + j] + band, row[mean_at + j] - band
+                row[high_at + j] = max(x[i, j], high - max(high - top, 0.0) / RECORD_MEMORY)
+                row[low_at + j] = min(x[i, j], low + max(bottom - low, 0.0) / RECORD_MEMORY)
+
         # Learn. The first two forecasts come from a state that has seen (almost) nothing.
         if count >= 2:
             alpha = max(1.0 / (count + PRIOR_WEIGHT + 1.0), long_alpha)
             row[peak_at] = peak if is_warm else max(peak, zed)
             row[last_peak_at] = last_peak
+            if not is_warm:
+                counted = row[counts_at + n_edges]
+                rate_alpha = max(1.0 / (counted + 1.0), 1.0 / TAIL_MEMORY)
+                for k in range(n_edges):
+                    hit = 1.0 if z_fit >= edges[k] else 0.0
+                    row[counts_at + k] += rate_alpha * (hit - row[counts_at + k])
+                row[counts_at + n_edges] = counted + 1.0
             new_normal = normal + alpha * (capped - normal)
             row[s_at] = new_normal
             for k in range(w):

@@ -116,7 +116,7 @@ def test_only_news_scores_high_an_ongoing_anomaly_does_not_page_every_event():
     rng = np.random.default_rng(2)
     normal = 10.0 + 0.1 * rng.standard_normal((300, 2))
     engine.step_many(make_batch(["a"] * 200, np.arange(200.0), normal[:200]))
-    spike = [[10.0, 12.0]]
+    spike = [[10.0, 11.1]]  # ~11 sd: improbable, yet below the z cap (Z_MAX): worse can follow
     first = engine.step_many(make_batch(["a"], [200.0], spike))
     again = engine.step_many(make_batch(["a"], [201.0], spike))
     assert first.is_alert[0] and not again.is_alert[0]
@@ -219,6 +219,7 @@ def test_a_stuck_sensor_is_flagged_and_blamed_but_a_quantised_one_is_not():
     result = engine.step_many(make_batch(["a"] * 30, np.arange(400.0, 430.0), stuck))
     assert result.probability[-1] > 0.9999
     assert result.contributions[-1, 0] > 0.99  # the stuck feature is to blame
+    assert result.is_alert.sum() == 1  # one stuck sensor, one alert
 
     quantised = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=20))
     steps = np.column_stack([np.round(noisy[:, 1]), np.round(noisy[:, 1])])

@@ -1,0 +1,51 @@
+"""The scorer's evidence channels, fed directly with an uninformative forecast (variance e^5), so
+that the forecast residuals say nothing and the channel under test decides."""
+
+import numpy as np
+
+from detector.scoring import TAIL_EDGES, Scorer, _own_tail_z
+
+
+def feed(values, scorer: Scorer) -> np.ndarray:
+    """(T, 3): probability, score and alert of each value of one univariate stream."""
+    stats = scorer.initial_row(1)[None, :].copy()
+    clocks = np.zeros((1, 2))
+    rows = []
+    for t, value in enumerate(values):
+        result = scorer.score_wave(
+            np.zeros(1, np.int64),
+            np.array([[value]], np.float32),
+            np.zeros((1, 0), np.int64),
+            np.array([float(t)]),
+            np.zeros((1, 1), np.float32),
+            np.full((1, 1), 5.0, np.float32),
+            stats,
+            clocks,
+        )
+        rows.append((result.probability[0], result.score[0], result.alert[0]))
+    return np.array(rows)
+
+
+def test_a_record_far_beyond_a_stationary_range_alerts():
+    rng = np.random.default_rng(0)
+    steady = rng.uniform(0.0, 1.0, 500)
+    out = feed(np.append(steady, 1.5), Scorer(0.9999))
+    assert out[:-1, 0].max() < 0.99  # inside the range nothing is improbable
+    assert out[-1, 0] > 0.9999 and out[-1, 2]
+
+
+def test_a_trending_stream_sets_records_all_the_time_and_learns_that_it_does():
+    rng = np.random.default_rng(0)
+    trend = np.arange(500) * 0.01 + rng.uniform(0.0, 1.0, 500)
+    out = feed(np.append(trend, trend.max() + 0.1), Scorer(0.9999))
+    assert out[-1, 0] < 0.9999 and not out[-1, 2]
+
+
+def test_own_tails_follow_how_often_the_stream_really_goes_that_far():
+    counts = np.zeros(len(TAIL_EDGES) + 1)
+    counts[-1] = 10_000  # events counted
+    never = _own_tail_z(3.5, counts, 0, TAIL_EDGES)
+    counts[:-1] = 0.01  # 1% of its events reached every level: far more than Gaussian tails
+    often = _own_tail_z(3.5, counts, 0, TAIL_EDGES)
+    assert often < 3.0 < 3.5 < never
+    assert _own_tail_z(1.0, counts, 0, TAIL_EDGES) == 1.0  # below the first level: as fitted
