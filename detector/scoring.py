@@ -84,6 +84,7 @@ import numba
 import numpy as np
 
 from detector.normalization import Z_CLIP, normalise, scale, update
+from detector.prefetch import prefetch_row
 
 PRIOR_WEIGHT = 20.0  # events' worth of trust in the model's validation statistics
 WINSOR_Z = 3.0  # long statistics see at most mean + 3 sd of surprise from any one event
@@ -111,8 +112,10 @@ RECORD_MARGIN = 0.01  # a record counts once it beats the old one by this share 
 RECORD_SCALE = 0.05  # prior mean excess of a record beyond the margin, as a share of the range
 RECORD_PRIOR = 10.0  # records' worth of trust in the exchangeable record rate and the prior excess
 RECORD_MEMORY = 2e4  # events over which an extreme beyond the normal band is forgotten
+RECORD_FORGET = 1.0 / RECORD_MEMORY
 RECORD_BAND = 3.0  # ... the band: value mean +- this many sd
 EULER = 0.5772156649015329
+AHEAD = 8  # the kernel prefetches the rows of the event this many ahead
 
 
 @dataclass(frozen=True)
@@ -413,7 +416,12 @@ def _score_wave(
     records_at, excess_sum_at = last_at + 6 * f, last_at + 7 * f
     counts_at = last_at + 8 * f  # E levels, then the number of events counted
     sketch_at = counts_at + n_edges + 1  # one sketch of 2 * SKETCH_SLOTS floats per attr
+    log_features = math.log(f)
+    beyond = np.empty((b, f))  # each value's distance beyond its record (<= 0: none)
     for i in numba.prange(b):  # the streams of a wave are distinct: rows never collide
+        if i + AHEAD < b:
+            prefetch_row(stats, slots[i + AHEAD])
+            prefetch_row(clocks, slots[i + AHEAD])
         row = stats[slots[i]]
         count = row[0]
 
@@ -467,12 +475,13 @@ def _score_wave(
 
         # Records: a value beyond every one the stream has shown.
         log_record = 0.0
-        if count >= 2:
-            for j in range(f):
-                beyond = _beyond_record(x[i, j], row[high_at + j], row[low_at + j])
-                if beyond > 0.0:
-                    log_record = min(log_record, _record_log_p(row, records_at + j, f, beyond, count))
-        log_record = max(min(log_record + math.log(f), 0.0), -LOG_P_MIN)  # Bonferroni
+        for j in range(f):
+            beyond[i, j] = _beyond_record(x[i, j], row[high_at + j], row[low_at + j])
+            if beyond[i, j] > 0.0 and count >= 2:
+                log_record = min(
+                    log_record, _record_log_p(row, records_at + j, f, beyond[i, j], count)
+                )
+        log_record = max(min(log_record + log_features, 0.0), -LOG_P_MIN)  # Bonferroni
         z_record = _z_of_log_p(log_record) if log_record < 0.0 else -Z_MAX
         by_record = z_record > z_own
         zed = min(max(max(z_own, z_record), -Z_MAX), Z_MAX)
@@ -518,8 +527,7 @@ def _score_wave(
         total = 0.0
         for j in range(f):
             if by_record:
-                beyond = _beyond_record(x[i, j], row[high_at + j], row[low_at + j])
-                details[i, 1 + f + j] = max(beyond, 0.0)
+                details[i, 1 + f + j] = max(beyond[i, j], 0.0)
             elif log_stuck < log_tail:
                 run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
                 details[i, 1 + f + j] = max(run - row[longest_at + j], 0.0)
@@ -542,16 +550,15 @@ def _score_wave(
             high, low = row[high_at + j], row[low_at + j]
             if math.isnan(high):
                 row[high_at + j], row[low_at + j] = x[i, j], x[i, j]
-            else:
-                beyond = _beyond_record(x[i, j], high, low)
-                if beyond > 0.0 and count >= 2:
-                    mean_excess = _record_excess(row, records_at + j, f)
-                    row[records_at + j] += 1.0
-                    row[excess_sum_at + j] += min(beyond, 10.0 * mean_excess)
-                band = RECORD_BAND * scale(row[mean_at + j], row[var_at + j])
-                top, bottom = row[mean_at + j] + band, row[mean_at + j] - band
-                row[high_at + j] = max(x[i, j], high - max(high - top, 0.0) / RECORD_MEMORY)
-                row[low_at + j] = min(x[i, j], low + max(bottom - low, 0.0) / RECORD_MEMORY)
+                continue
+            if beyond[i, j] > 0.0 and count >= 2:
+                mean_excess = _record_excess(row, records_at + j, f)
+                row[records_at + j] += 1.0
+                row[excess_sum_at + j] += min(beyond[i, j], 10.0 * mean_excess)
+            band = RECORD_BAND * scale(row[mean_at + j], row[var_at + j])
+            top, bottom = row[mean_at + j] + band, row[mean_at + j] - band
+            row[high_at + j] = max(x[i, j], high - max(high - top, 0.0) * RECORD_FORGET)
+            row[low_at + j] = min(x[i, j], low + max(bottom - low, 0.0) * RECORD_FORGET)
 
         # Learn. The first two forecasts come from a state that has seen (almost) nothing.
         if count >= 2:

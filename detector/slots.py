@@ -23,7 +23,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from detector.prefetch import prefetch_row
+
 EMPTY = np.uint64(0)
+AHEAD = 8  # ids whose probes are prefetched ahead of the one being looked up
 
 
 @numba.njit(cache=True)
@@ -31,6 +34,9 @@ def _find(keys: np.ndarray, values: np.ndarray, hashes: np.ndarray) -> np.ndarra
     mask = np.uint64(len(keys) - 1)
     out = np.empty(len(hashes), dtype=np.int64)
     for i in range(len(hashes)):
+        if i + AHEAD < len(hashes):  # the table is MBs: start loading the probes to come
+            prefetch_row(keys, hashes[i + AHEAD] & mask)
+            prefetch_row(values, hashes[i + AHEAD] & mask)
         h = hashes[i]
         at = h & mask
         out[i] = -1
