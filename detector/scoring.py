@@ -38,7 +38,12 @@
    fourth improbable, while a merchant-id attr that is new half the time never is. The
    rarest attr (Bonferroni over the attrs) is one more piece of evidence beside the numeric
    ones, and so is its combination with them by Fisher's method: a new category with a
-   middling amount is more than either alone.
+   middling amount is more than either alone. Each remembered value also keeps the mean and
+   variance of the stream's features among its own events (shrunk toward the stream's by
+   `LEVEL_PRIOR` events): an amount that is ordinary for the account but ten times its usual
+   spend at this merchant category is judged against the category (two-sided, Bonferroni over
+   features and attrs), which a forecaster that has seen an account for a few dozen purchases
+   cannot do. Anomalous events stay out of these levels.
 8. Probability = Phi(max z) over the windows (own tails), the stuck runs and the records: the
    probability that normal behaviour would look less surprising.
    High means anomalous. Statistics start from the model's validation statistics (a prior worth
@@ -99,6 +104,8 @@ TAIL_PRIOR = 10.0  # exceedances' worth of trust in the Gaussian tail prior
 LOG_P_MIN = 60.0  # tail probabilities below e^-60 are all "certainly anomalous"
 STUCK_LOG_P_MIN = 15.0  # a stuck run is never more improbable than e^-15 (z ~ 5.2)
 SKETCH_SLOTS = 8  # most frequent values remembered per categorical attr and stream
+LEVEL_PRIOR = 5.0  # events' worth of trust in the stream's own level for a new attr value
+LEVEL_MIN = 3.0  # an attr value's level is judged once it has been seen this often
 NEW_VALUE_RATE = 0.01  # prior rate of values new to a stream, where training measured none
 Z_MAX = 8.0  # z-scores are capped here: 1 - Phi(8) ~ 6e-16 is still a distinct float64
 STUCK_LOG_P = 9.2  # a run this improbable (1e-4, the default alert level) is taken as stuck
@@ -175,7 +182,8 @@ class Scorer:
      last value (F) | repeat run (F) | repeat rate (F) | longest recent run (F) |
      record high (F) | record low (F) | records seen (F) | their summed excess (F) |
      events counted at each TAIL_EDGES level (E) | events (1) |
-     per categorical attr: the sketch's values (SKETCH_SLOTS) and their counts (SKETCH_SLOTS)]
+     per categorical attr, a sketch: its values (SKETCH_SLOTS), their counts (SKETCH_SLOTS),
+     the mean and variance of each feature among the events with each value (2 * SKETCH_SLOTS * F)]
     """
 
     def __init__(
@@ -214,13 +222,15 @@ class Scorer:
     def width(self, n_features: int, n_attrs: int = 0) -> int:
         return (
             5 + 4 * len(self.windows) + 10 * n_features + len(TAIL_EDGES)
-            + 2 * SKETCH_SLOTS * n_attrs
+            + _sketch_width(n_features) * n_attrs
         )  # fmt: skip
 
     def initial_row(self, n_features: int, n_attrs: int = 0) -> np.ndarray:
         """A new stream's statistics: no values seen, surprise at the calibration prior."""
         prior, a, w, f = self.calibration, self._alphas, len(self.windows), n_features
-        empty_sketch = [np.full(SKETCH_SLOTS, -1.0), np.zeros(SKETCH_SLOTS)]  # values, counts
+        empty_sketch = [  # values, counts, feature means and variances per value
+            np.full(SKETCH_SLOTS, -1.0), np.zeros(SKETCH_SLOTS), np.zeros(2 * SKETCH_SLOTS * f)
+        ]  # fmt: skip
         return np.concatenate(
             [
                 [0.0],  # count
@@ -335,19 +345,62 @@ def _value_tail(row, at, value, seen, new_rate):
     return math.log(min(p_new + (1.0 - p_new) * rarer / total, 1.0))
 
 
+def _sketch_width(n_features: int) -> int:
+    """Floats per categorical attr: values, counts, and per value each feature's mean and
+    variance."""
+    return 2 * SKETCH_SLOTS + 2 * SKETCH_SLOTS * n_features
+
+
+@numba.njit(cache=True, inline="always")
+def _slot_of(row, at, value):
+    """The sketch slot that holds `value`, or -1."""
+    for k in range(SKETCH_SLOTS):
+        if row[at + k] == value:
+            return k
+    return -1
+
+
 @numba.njit(cache=True, inline="always")
 def _count_value(row, at, value):
     """Fold a value into the sketch: count it, or give it the slot of the least frequent value
-    (space-saving; an empty slot counts 0)."""
-    weakest = at
+    (space-saving; an empty slot counts 0). Returns the slot, and whether it was taken over."""
+    weakest = 0
     for k in range(SKETCH_SLOTS):
         if row[at + k] == value:
             row[at + SKETCH_SLOTS + k] += 1.0
-            return
-        if row[at + SKETCH_SLOTS + k] < row[weakest + SKETCH_SLOTS]:
-            weakest = at + k
-    row[weakest] = value
-    row[weakest + SKETCH_SLOTS] = 1.0
+            return k, False
+        if row[at + SKETCH_SLOTS + k] < row[at + SKETCH_SLOTS + weakest]:
+            weakest = k
+    row[at + weakest] = value
+    row[at + SKETCH_SLOTS + weakest] = 1.0
+    return weakest, True
+
+
+@numba.njit(cache=True, inline="always")
+def _level_z(row, at, k, f, j, x, mean, var):
+    """z of feature j's value x among the stream's events with the value in slot k: that value's
+    own mean and variance, shrunk toward the stream's (`mean`, `var`) by LEVEL_PRIOR events."""
+    n = row[at + SKETCH_SLOTS + k]
+    own = n / (n + LEVEL_PRIOR)
+    means_at = at + 2 * SKETCH_SLOTS
+    level = own * row[means_at + k * f + j] + (1.0 - own) * mean
+    spread = own * row[means_at + SKETCH_SLOTS * f + k * f + j] + (1.0 - own) * var
+    return (x - level) / scale(level, spread)
+
+
+@numba.njit(cache=True, inline="always")
+def _learn_level(row, at, k, fresh, f, x, norm_window):
+    """Fold the event's values into the means and variances of its value's slot k."""
+    means_at = at + 2 * SKETCH_SLOTS
+    vars_at = means_at + SKETCH_SLOTS * f
+    n = row[at + SKETCH_SLOTS + k]
+    for j in range(f):
+        if fresh:
+            row[means_at + k * f + j], row[vars_at + k * f + j] = x[j], 0.0
+        else:
+            row[means_at + k * f + j], row[vars_at + k * f + j] = update(
+                x[j], row[means_at + k * f + j], row[vars_at + k * f + j], n - 1.0, norm_window
+            )
 
 
 @numba.njit(cache=True, inline="always")
@@ -415,9 +468,12 @@ def _score_wave(
     high_at, low_at = last_at + 4 * f, last_at + 5 * f
     records_at, excess_sum_at = last_at + 6 * f, last_at + 7 * f
     counts_at = last_at + 8 * f  # E levels, then the number of events counted
-    sketch_at = counts_at + n_edges + 1  # one sketch of 2 * SKETCH_SLOTS floats per attr
+    sketch_at = counts_at + n_edges + 1  # one sketch per attr
+    sketch_width = 2 * SKETCH_SLOTS * (1 + f)
     log_features = math.log(f)
+    log_level_tests = math.log(2.0 * f * n_attrs) if n_attrs else 0.0  # two-sided, per f and a
     beyond = np.empty((b, f))  # each value's distance beyond its record (<= 0: none)
+    level_z = np.zeros((b, f))  # each value's |z| among its attr values' events (0: none)
     for i in numba.prange(b):  # the streams of a wave are distinct: rows never collide
         if i + AHEAD < b:
             prefetch_row(stats, slots[i + AHEAD])
@@ -470,6 +526,23 @@ def _score_wave(
         log_fit = max(min(log_tail, log_stuck), -LOG_P_MIN)
         z_fit = max(_z_of_log_tail(log_fit), z_body) if log_fit < 0.0 else z_body
 
+        # Levels: each value of a categorical attr keeps the mean and variance of the stream's
+        # features among its events (an account's usual amount at a merchant category), so a
+        # value normal for the stream but not for this attr value stands out.
+        log_level = 0.0
+        for a in range(n_attrs):
+            at = sketch_at + sketch_width * a
+            k = _slot_of(row, at, float(attrs[i, a]))
+            if k >= 0 and row[at + SKETCH_SLOTS + k] >= LEVEL_MIN:
+                for j in range(f):
+                    zj = abs(_level_z(row, at, k, f, j, x[i, j], row[mean_at + j], row[var_at + j]))
+                    level_z[i, j] = max(level_z[i, j], zj)
+                    log_level = min(log_level, math.log(max(2.0 * _ndtr(-zj), 1e-300)))
+        log_level = max(min(log_level + log_level_tests, 0.0), -LOG_P_MIN)
+        z_level = _z_of_log_p(log_level) if log_level < 0.0 else -Z_MAX
+        by_level = z_level > z_fit
+        z_fit = max(z_fit, z_level)
+
         # The fitted tails, checked against how often this stream really went that far.
         z_own = _own_tail_z(z_fit, row, counts_at, edges)
 
@@ -492,7 +565,7 @@ def _score_wave(
         if n_attrs:
             log_attr = 0.0
             for a in range(n_attrs):
-                at = sketch_at + 2 * SKETCH_SLOTS * a
+                at = sketch_at + sketch_width * a
                 tail = _value_tail(row, at, float(attrs[i, a]), count, new_rates[a])
                 details[i, 1 + 2 * f + a] = abs(tail)  # its evidence (tail <= 0), for the blame
                 log_attr = min(log_attr, tail)
@@ -528,6 +601,8 @@ def _score_wave(
         for j in range(f):
             if by_record:
                 details[i, 1 + f + j] = max(beyond[i, j], 0.0)
+            elif by_level:
+                details[i, 1 + f + j] = level_z[i, j] * level_z[i, j]
             elif log_stuck < log_tail:
                 run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
                 details[i, 1 + f + j] = max(run - row[longest_at + j], 0.0)
@@ -542,7 +617,10 @@ def _score_wave(
             share = (1.0 - numeric_share) / max(attr_total, 1e-12) if by_attrs else 0.0
             details[i, 1 + 2 * f + a] *= share
         for a in range(n_attrs):
-            _count_value(row, sketch_at + 2 * SKETCH_SLOTS * a, float(attrs[i, a]))
+            at = sketch_at + sketch_width * a
+            k, fresh = _count_value(row, at, float(attrs[i, a]))
+            if fresh or prob < threshold:  # anomalous values stay out of the levels
+                _learn_level(row, at, k, fresh, f, x[i], norm_window)
 
         # Records follow every value; an extreme beyond the normal band fades over
         # RECORD_MEMORY events, so that a stream that has moved on is judged by its new range.

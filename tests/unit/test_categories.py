@@ -109,3 +109,20 @@ def test_an_alert_shows_the_attrs_observed_and_their_share_of_the_blame():
     assert record["observed"] == {"amount": 42.0, "category": "jewelry", "channel": "online"}
     assert record["expected"] == {"amount": 40.0}
     assert record["contributions"] == {"amount": 0.2, "category": 0.8, "channel": 0.0}
+
+
+def test_an_amount_normal_for_the_stream_but_not_for_its_category_alerts_on_the_amount():
+    eng = engine(new_value_rate=1e-2)
+    rng = np.random.default_rng(2)
+    categories = habitual()
+    prices = np.where(categories == 3, 100.0, 10.0)  # category 3 costs ten times the others
+    amounts = (prices * rng.lognormal(0.0, 0.1, len(categories)))[:, None].astype(np.float32)
+    eng.step_many(
+        EventBatch(["acct"] * len(categories), np.arange(300.0), amounts, categories[:, None])
+    )
+    usual = verdict(eng, category=3, t=300.0)  # 100 where 100 is the rule
+    unusual = verdict(eng, category=8, t=301.0)  # 100 where 10 is the rule
+    assert not usual.is_alert[0] and usual.probability[0] < 0.99
+    assert unusual.is_alert[0] and unusual.probability[0] > 0.9999
+    amount_share, category_share = unusual.contributions[0]
+    assert amount_share > 0.9  # the amount is what is unusual, not the (habitual) category
