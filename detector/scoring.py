@@ -345,10 +345,11 @@ def _value_tail(row, at, value, seen, new_rate):
     return math.log(min(p_new + (1.0 - p_new) * rarer / total, 1.0))
 
 
+@numba.njit(cache=True)
 def _sketch_width(n_features: int) -> int:
     """Floats per categorical attr: values, counts, and per value each feature's mean and
     variance."""
-    return 2 * SKETCH_SLOTS + 2 * SKETCH_SLOTS * n_features
+    return 2 * SKETCH_SLOTS * (1 + n_features)
 
 
 @numba.njit(cache=True, inline="always")
@@ -469,7 +470,7 @@ def _score_wave(
     records_at, excess_sum_at = last_at + 6 * f, last_at + 7 * f
     counts_at = last_at + 8 * f  # E levels, then the number of events counted
     sketch_at = counts_at + n_edges + 1  # one sketch per attr
-    sketch_width = 2 * SKETCH_SLOTS * (1 + f)
+    sketch_width = _sketch_width(f)
     log_features = math.log(f)
     log_level_tests = math.log(2.0 * f * n_attrs) if n_attrs else 0.0  # two-sided, per f and a
     beyond = np.empty((b, f))  # each value's distance beyond its record (<= 0: none)
