@@ -960,6 +960,19 @@ def format_report(report: dict[str, Any]) -> str:
     )
 
 
+NINES_MAX = 16.0  # 1 - 1e-16 is the last float64 below 1
+
+
+def _nines(score: np.ndarray) -> np.ndarray:
+    """-log10(1 - score), capped where float64 runs out.
+
+    >>> _nines(np.array([0.0, 0.9, 0.9999, 1.0])).round(6).tolist()
+    [0.0, 1.0, 4.0, 16.0]
+    """
+    nines = -np.log10(np.maximum(1.0 - score, 10.0**-NINES_MAX))
+    return np.clip(nines, 0.0, NINES_MAX) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
 def _plot(
     path: Path,
     title: str,
@@ -997,11 +1010,12 @@ def _plot(
     if shown.shape[1] > 1 or len(hits):
         top.legend(loc="upper left", fontsize=6, ncol=min(shown.shape[1] + 1, 6))
     top.set_title(title, fontsize=9)
-    bottom.plot(x, score, lw=0.6, color="tab:purple")
+    # Scores that matter are all within 1e-3 of 1: drawn as their nines, -log10(1 - score).
+    bottom.plot(x, _nines(score), lw=0.6, color="tab:purple")
     if threshold is not None:
-        bottom.axhline(threshold, color="red", lw=0.6, ls="--")
-    bottom.set_ylim(-0.02, 1.02)
-    bottom.set_ylabel("score", fontsize=8)
+        bottom.axhline(float(_nines(np.array([threshold]))[0]), color="red", lw=0.6, ls="--")
+    bottom.set_ylim(0.0, NINES_MAX)
+    bottom.set_ylabel("score: -log10(1 - s)", fontsize=8)
     bottom.set_xlabel("row", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
