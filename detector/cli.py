@@ -129,6 +129,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from detector.synthetic import generate
 
     data = generate(args.kind, args.streams, args.steps, args.seed, not args.no_anomalies)
+    if args.labelled_files:
+        files = data.write_labelled_files(args.output)
+        print(f"wrote {len(data.events)} events to {len(files)} files in {args.output}",
+              file=sys.stderr)  # fmt: skip
+        return 0
     data.write_events(args.output)
     if args.labels:
         data.write_labels(args.labels)
@@ -259,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-anomalies", action="store_true", help="normal data only")
     gen.add_argument("--output", required=True, type=Path, help=".csv or .jsonl")
     gen.add_argument("--labels", type=Path, help="CSV of per-event anomaly labels")
+    gen.add_argument(
+        "--labelled-files",
+        action="store_true",
+        help="--output is a directory: one CSV per stream (timestamp, features, label), the "
+        "layout of `detector evaluate csv`",
+    )
     gen.set_defaults(func=cmd_generate)
 
     evaluate = commands.add_parser("evaluate", help="score labelled data: tables, plots")

@@ -110,6 +110,26 @@ class Dataset:
         else:
             raise ValueError(f"unknown event file type {path.suffix!r}: use .jsonl, .json or .csv")
 
+    def write_labelled_files(self, directory: str | PathLike[str]) -> list[Path]:
+        """One CSV per stream under `directory` (`<stream>.csv`: timestamp, the features, label
+        0/1), the layout `detector evaluate csv` reads; categorical attrs are left out."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        rows: dict[str, list[list[str]]] = {}
+        for event, kind in zip(self.events, self.labels, strict=True):
+            values = event["values"]
+            row = [str(event["ts"]), *(repr(values[name]) for name in self.features)]
+            rows.setdefault(event["stream"], []).append([*row, "1" if kind else "0"])
+        paths = []
+        for stream, lines in rows.items():
+            path = directory / f"{stream}.csv"
+            with path.open("w", newline="", encoding="utf-8") as out:
+                writer = csv.writer(out)
+                writer.writerow(["timestamp", *self.features, "label"])
+                writer.writerows(lines)
+            paths.append(path)
+        return paths
+
     def write_labels(self, path: str | PathLike[str]) -> None:
         """CSV with columns stream, ts, kind, episode: one row per event, in event order."""
         with Path(path).open("w", newline="", encoding="utf-8") as out:

@@ -221,3 +221,23 @@ def test_train_without_features_takes_every_numeric_field(tmp_path, capsys, suff
     code, _, stderr = run(["train", "--input", history, "--output", out, "--epochs", "1"], capsys)
     assert code == 0, stderr
     assert load_artifact(out).features == ["a", "b"]
+
+
+def test_generated_labelled_files_evaluate_end_to_end_in_csv_mode(tmp_path, capsys):
+    files = tmp_path / "files"
+    code, _, err = run(
+        ["generate", "--streams", "3", "--steps", "600", "--seed", "3", "--labelled-files",
+         "--output", files], capsys,
+    )  # fmt: skip
+    assert code == 0 and "3 files" in err
+    first = (files / "sensor-0.csv").read_text().splitlines()
+    assert first[0] == "timestamp,temperature,pressure,vibration,power,label"
+    assert len(first) == 601 and {line.rsplit(",", 1)[1] for line in first[1:]} <= {"0", "1"}
+    code, out, _ = run(
+        ["evaluate", "csv", files, "--time-col", "timestamp", "--label-col", "label",
+         "--train-rows", "200", "--output", tmp_path / "report"], capsys,
+    )  # fmt: skip
+    assert code == 0 and "overall" in out
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["files"] == 3 and report["evaluated"] == 3 * 400
+    assert report["positives"] > 0

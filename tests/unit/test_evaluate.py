@@ -211,6 +211,23 @@ def test_evaluate_csv_univariate_model(tmp_path, artifact):
     assert (out / "report.json").is_file() and (out / "index.html").is_file()
 
 
+def test_evaluate_csv_judges_every_row_of_a_lasting_anomaly_not_only_its_onset(tmp_path, artifact):
+    # A sensor stuck for 40 rows: point metrics want all of them, where an alert marks one.
+    rng = np.random.default_rng(3)
+    value = np.sin(np.arange(400) / 7.0) + rng.normal(0, 0.2, 400)
+    value[300:340] = value[299]
+    path = tmp_path / "csv" / "stuck.csv"
+    path.parent.mkdir()
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["timestamp", "value", "label"])
+        for i in range(400):
+            writer.writerow([i * 60, f"{value[i]:.5f}", int(300 <= i < 340)])
+    report = evaluate.evaluate_csv(tmp_path / "csv", artifact, CONFIG, train_rows=150, plots=False)
+    (stuck,) = report["per_file"]
+    assert stuck["alerts"] >= 20 and stuck["precision"] > 0.9
+
+
 def test_evaluate_csv_multivariate_model_and_errors(tmp_path):
     make_csv_corpus(tmp_path / "csv", n=150)
     model = tiny_artifact(tmp_path / "model2", ["B", "A"])
