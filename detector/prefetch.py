@@ -52,10 +52,10 @@ def _prefetch_row(typingctx, array, row):  # noqa: ARG001 - numba's intrinsic si
         )
         byte_ptr = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
-        hint = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
-            "llvm.prefetch.p0",
+        # Named after the pointer type ("llvm.prefetch.p0", or ".p0i8" where LLVM's pointers
+        # are typed), so that it links with every llvmlite that numba>=0.60 may bring.
+        hint = builder.module.declare_intrinsic(
+            "llvm.prefetch", [byte_ptr], ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
         )
         base = builder.bitcast(start, byte_ptr)
         itemsize = ir.Constant(ir.IntType(64), array_type.dtype.bitwidth // 8)
