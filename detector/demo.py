@@ -114,7 +114,7 @@ class Pipeline:
     name: str
     topic: str
     data: Dataset
-    novelty_window: float = 200.0  # the worker's scoring.novelty_window
+    novelty_window: float | None = None  # the worker's scoring.novelty_window (None: config's)
     model_dir: Path | None = None
     process: subprocess.Popen | None = None
     metrics_port: int = 0
@@ -276,12 +276,13 @@ def _start_worker(pipe: Pipeline, bootstrap: str, workdir: Path, run_seconds: fl
         "DETECTOR__KAFKA__SESSION_TIMEOUT_MS": "6000",
         "DETECTOR__KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
         "DETECTOR__KAFKA__MAX_WAIT_MS": "100",
-        "DETECTOR__SCORING__NOVELTY_WINDOW": str(pipe.novelty_window),
         "DETECTOR__METRICS__HOST": "127.0.0.1",
         "DETECTOR__METRICS__PORT": str(pipe.metrics_port),
         "DETECTOR__CHECKPOINT__DIR": str(workdir / "state" / pipe.name),
         "DETECTOR__SCORING__WARMUP_EVENTS": str(WARMUP_EVENTS),
     }
+    if pipe.novelty_window is not None:
+        env["DETECTOR__SCORING__NOVELTY_WINDOW"] = str(pipe.novelty_window)
     log = open(workdir / f"worker-{pipe.name}.log", "wb")  # noqa: SIM115 - lives with the process
     pipe.process = subprocess.Popen(
         [sys.executable, "-m", "detector", "run", "--model", str(pipe.model_dir),

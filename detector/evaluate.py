@@ -19,9 +19,8 @@ Three modes:
   column as its own stream `<file>#<column>`, and a row's score is the max over its columns.
   The score here is the engine's calibrated probability of every row, not the alert score
   (news only) that NAB and the daemon use: point metrics judge every row of an anomaly, and
-  an alert score marks only its onset (on generated sensor faults, point F1 0.03 with the
-  alert score against 0.33 with the probability). The alert threshold of a file comes from its
-  training rows' scores, never from labels.
+  an alert score marks only its onset. The alert threshold of a file comes from its training
+  rows' scores, never from labels.
 - `evaluate_synthetic`: generated streams with injected anomalies; ROC AUC, F1 and detection
   delay per anomaly kind.
 
