@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from detector.fused_gru import gru_step
+
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 LOGVAR_MIN, LOGVAR_MAX = -7.0, 5.0  # variance of a normalised feature: ~1e-3 .. ~150
 
@@ -134,7 +136,9 @@ class Forecaster(nn.Module):
     def step(
         self, x: torch.Tensor, attrs: torch.Tensor | None, state: torch.Tensor
     ) -> torch.Tensor:
-        """Advance streaming states (B, L, S) by one observation x (B, F): the new states."""
+        """Advance streaming states (B, L, S) by one observation x (B, F): the new states.
+
+        For streaming: a GRU steps through `fused_gru`, which carries no gradient."""
         layer_input = self._with_attrs(x, attrs)  # (B, I)
         hidden = self.config.hidden_size
         new_layers = []
@@ -147,7 +151,7 @@ class Forecaster(nn.Module):
             )
             previous = state[:, layer]  # (B, S)
             if self.config.cell == "gru":
-                h = torch.gru_cell(layer_input, previous, *weights)
+                h = gru_step(layer_input, previous, *weights)
                 new_layers.append(h)
             elif self.config.cell == "lstm":
                 h, c = torch.lstm_cell(
