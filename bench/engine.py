@@ -6,6 +6,8 @@ Throughput: engine + scorer alone (string stream ids in, scores and alert decisi
 hidden 64, 4 features, batches of `--batch` events over `--streams` streams that are already
 known (a warm-up pass admits them). In the same run, the bare step: `GRUCell` + output head on
 a contiguous batch of the same size, no lookup, gather/scatter or scoring: the physical limit.
+The engine steps its GRU with `detector.fused_gru` (faster than `GRUCell`), so the same bare step
+with that cell is timed too, and the ratio to it reported beside the first.
 Memory: process RSS growth while 1,000,000 streams are admitted, divided by the streams (the slot
 table, its string keys and the slabs included). The last line is JSON.
 """
@@ -25,6 +27,7 @@ import torch
 from detector.allocator import keep_freed_memory
 from detector.engine import Engine
 from detector.events import EventBatch
+from detector.fused_gru import gru_step
 from detector.model import Forecaster, ForecasterConfig
 
 HIDDEN, FEATURES = 64, 4
@@ -76,16 +79,23 @@ def engine_rate(model: Forecaster, n_streams: int, batch: int, n_batches: int) -
 
 
 @torch.inference_mode()
-def bare_rate(batch: int, n_batches: int) -> float:
+def bare_rate(batch: int, n_batches: int, fused: bool = False) -> float:
+    """`GRUCell` + head on a contiguous batch; with `fused`, the engine's own GRU step instead
+    of `GRUCell` (the same arithmetic, its gates in one compiled pass)."""
     cell = torch.nn.GRUCell(FEATURES, HIDDEN)
     head = torch.nn.Linear(HIDDEN, 2 * FEATURES)
+    weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+
+    def step(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return gru_step(x, h, *weights) if fused else cell(x, h)
+
     x, h = torch.randn(batch, FEATURES), torch.zeros(batch, HIDDEN)
     for _ in range(5):
-        h = cell(x, h)
+        h = step(x, h)
         head(h)
     started = time.perf_counter()
     for _ in range(n_batches):
-        h = cell(x, h)
+        h = step(x, h)
         head(h)
     return n_batches * batch / (time.perf_counter() - started)
 
@@ -117,13 +127,16 @@ def main() -> None:
     keep_freed_memory()  # what the engine sets for itself: the bare step gets it from its first run
     torch.manual_seed(0)
     model = Forecaster(ForecasterConfig(n_features=FEATURES, hidden_size=HIDDEN)).eval()
-    engine_runs, bare_runs = [], []
+    engine_runs, bare_runs, fused_runs = [], [], []
     for run in range(args.runs):
         bare_runs.append(bare_rate(args.batch, args.batches))
+        fused_runs.append(bare_rate(args.batch, args.batches, fused=True))
         engine_runs.append(engine_rate(model, args.streams, args.batch, args.batches))
         print(
             f"run {run + 1}: engine {engine_runs[-1]:,.0f} events/s, bare step "
-            f"{bare_runs[-1]:,.0f} events/s, ratio {engine_runs[-1] / bare_runs[-1]:.2f}",
+            f"{bare_runs[-1]:,.0f} events/s, ratio {engine_runs[-1] / bare_runs[-1]:.2f}; "
+            f"bare fused step {fused_runs[-1]:,.0f} events/s, "
+            f"ratio {engine_runs[-1] / fused_runs[-1]:.2f}",
             file=sys.stderr,
         )
     memory = state_bytes_per_stream(model, args.memory_streams, args.batch)
@@ -131,12 +144,15 @@ def main() -> None:
         f"state: {memory:,.0f} bytes per stream at {args.memory_streams:,} streams", file=sys.stderr
     )
     ratios = [e / b for e, b in zip(engine_runs, bare_runs, strict=True)]
+    fused_ratios = [e / b for e, b in zip(engine_runs, fused_runs, strict=True)]
     print(
         json.dumps(
             {
                 "events_per_s": round(statistics.median(engine_runs)),
                 "bare_step_events_per_s": round(statistics.median(bare_runs)),
                 "ratio_median": round(statistics.median(ratios), 3),
+                "bare_fused_step_events_per_s": round(statistics.median(fused_runs)),
+                "ratio_to_fused_median": round(statistics.median(fused_ratios), 3),
                 "state_bytes_per_stream": round(memory),
                 "runs": args.runs,
                 "torch_threads": torch.get_num_threads(),

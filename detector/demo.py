@@ -363,13 +363,14 @@ def run_demo(args: argparse.Namespace) -> int:
                 SENSOR_TOPIC,
                 sensor_streams(SENSOR_STREAMS, sensor_steps, seed=seed + 1, anomalies=True),
             ),
-            # A purchase is one event, not an episode that goes on: it is judged against the
-            # account's last 20 purchases, where the default would hold a peak for 200.
+            # A purchase is one event, not an episode that goes on: each is judged on its own
+            # (novelty_window 1), where the default holds a peak for 200 events and a second
+            # unusual purchase soon after a first would not alert.
             "transactions": Pipeline(
                 "transactions",
                 TRANSACTION_TOPIC,
                 transaction_streams(ACCOUNTS, n_tx, seed=seed + 1, anomalies=True),
-                novelty_window=20.0,
+                novelty_window=1.0,
             ),
         }
         train = config.train.model_copy(update={"patience": 2})

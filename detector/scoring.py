@@ -35,7 +35,9 @@
    something new: the Good-Turing estimate (values seen once, over events seen) shrunk toward
    the rate of new values that training measured on warmed-up streams (`PRIOR_WEIGHT` events
    of trust), so an account that has used three categories for a hundred purchases makes a
-   fourth improbable, while a merchant-id attr that is new half the time never is. The
+   fourth improbable, while a merchant-id attr that is new half the time never is. An
+   anomalous event counts half, so an unusual value is remembered without becoming a
+   singleton that makes the next new value look ordinary. The
    rarest attr (Bonferroni over the attrs) is one more piece of evidence beside the numeric
    ones, and so is its combination with them by Fisher's method: a new category with a
    middling amount is more than either alone. Each remembered value also keeps the mean and
@@ -106,6 +108,7 @@ STUCK_LOG_P_MIN = 15.0  # a stuck run is never more improbable than e^-15 (z ~ 5
 SKETCH_SLOTS = 8  # most frequent values remembered per categorical attr and stream
 LEVEL_PRIOR = 5.0  # events' worth of trust in the stream's own level for a new attr value
 LEVEL_MIN = 3.0  # an attr value's level is judged once it has been seen this often
+ANOMALOUS_SIGHTING = 0.5  # what an anomalous event adds to its attr value's count
 NEW_VALUE_RATE = 0.01  # prior rate of values new to a stream, where training measured none
 Z_MAX = 8.0  # z-scores are capped here: 1 - Phi(8) ~ 6e-16 is still a distinct float64
 STUCK_LOG_P = 9.2  # a run this improbable (1e-4, the default alert level) is taken as stuck
@@ -362,18 +365,19 @@ def _slot_of(row, at, value):
 
 
 @numba.njit(cache=True, inline="always")
-def _count_value(row, at, value):
-    """Fold a value into the sketch: count it, or give it the slot of the least frequent value
-    (space-saving; an empty slot counts 0). Returns the slot, and whether it was taken over."""
+def _count_value(row, at, value, weight):
+    """Fold a value into the sketch with `weight`: count it, or give it the slot of the least
+    frequent value (space-saving; an empty slot counts 0). Returns the slot, and whether it was
+    taken over."""
     weakest = 0
     for k in range(SKETCH_SLOTS):
         if row[at + k] == value:
-            row[at + SKETCH_SLOTS + k] += 1.0
+            row[at + SKETCH_SLOTS + k] += weight
             return k, False
         if row[at + SKETCH_SLOTS + k] < row[at + SKETCH_SLOTS + weakest]:
             weakest = k
     row[at + weakest] = value
-    row[at + SKETCH_SLOTS + weakest] = 1.0
+    row[at + SKETCH_SLOTS + weakest] = weight
     return weakest, True
 
 
@@ -617,9 +621,13 @@ def _score_wave(
         for a in range(n_attrs):
             share = (1.0 - numeric_share) / max(attr_total, 1e-12) if by_attrs else 0.0
             details[i, 1 + 2 * f + a] *= share
+        # An anomalous event counts half: its value is remembered, but a new value seen only
+        # there is not one of Good-Turing's singletons, which would make the next new value
+        # look ordinary (a second unusual category right after the first).
+        sighting = 1.0 if prob < threshold else ANOMALOUS_SIGHTING
         for a in range(n_attrs):
             at = sketch_at + sketch_width * a
-            k, fresh = _count_value(row, at, float(attrs[i, a]))
+            k, fresh = _count_value(row, at, float(attrs[i, a]), sighting)
             if fresh or prob < threshold:  # anomalous values stay out of the levels
                 _learn_level(row, at, k, fresh, f, x[i], norm_window)
 

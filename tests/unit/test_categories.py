@@ -51,6 +51,17 @@ def test_a_category_new_to_a_stream_of_habits_alerts_and_takes_the_blame():
     assert amount_share + category_share == pytest.approx(1.0, abs=1e-5)
 
 
+def test_a_second_unusual_category_is_as_unusual_as_the_first():
+    # Good-Turing reads a value seen once as a sign that new values come: an anomaly's value
+    # must not be one, or the first unusual purchase would cover the next.
+    eng = engine(new_value_rate=1e-5)
+    eng.step_many(history(habitual()))
+    first = verdict(eng, category=40, t=1e6)
+    second = verdict(eng, category=41, t=1e6 + 1)
+    assert first.is_alert[0] and second.is_alert[0]
+    assert second.probability[0] > 0.9999
+
+
 def test_a_habitual_category_is_unremarkable():
     eng = engine(new_value_rate=1e-5)
     eng.step_many(history(habitual()))
