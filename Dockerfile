@@ -22,6 +22,14 @@ COPY config.yaml /etc/detector/config.yaml
 USER detector
 WORKDIR /var/lib/detector
 
+# The scoring kernels are compiled (numba, about a minute on 2 cores) into the image, so a
+# container starts scoring at once instead of compiling first. site-packages is not this user's
+# to write, hence the cache directory.
+ENV NUMBA_CACHE_DIR=/var/lib/detector/numba-cache
+RUN python -c "from detector.artifact import load_artifact; from detector.cli import DEFAULT_MODEL; \
+from detector.config import Config; from detector.engine import Engine; \
+a = load_artifact(DEFAULT_MODEL); print(Engine.from_config(a.model, Config(), a.calibration).warm_up())"
+
 # Prometheus metrics, /healthz and /readyz.
 EXPOSE 9108
 

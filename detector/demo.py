@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from detector.artifact import save_artifact
+from detector.artifact import load_artifact, save_artifact
 from detector.config import Config, load_config
 from detector.events import hash_attr, parse_timestamp
 from detector.synthetic import Dataset, sensor_streams, transaction_streams
@@ -265,6 +265,20 @@ def _watch_alerts(
         consumer.close()
 
 
+def _warm_up(pipelines, config: Config) -> None:
+    """Compile the engine's kernels here, once, into numba's on-disk cache: two workers
+    compiling them at the same time after a fresh install took over a minute, while the events
+    they should have scored went by."""
+    from detector.engine import Engine
+
+    for pipe in pipelines:
+        artifact = load_artifact(pipe.model_dir)
+        seconds = Engine.from_config(artifact.model, config, artifact.calibration).warm_up()
+        if seconds > 1.0:
+            _say(f"compiled the scoring kernels in {seconds:.0f} s (once after an install; "
+                 "later runs load them from numba's cache)")  # fmt: skip
+
+
 def _start_worker(pipe: Pipeline, bootstrap: str, workdir: Path, run_seconds: float) -> None:
     env = {
         **os.environ,
@@ -393,6 +407,7 @@ def run_demo(args: argparse.Namespace) -> int:
             )  # fmt: skip
         if stop.is_set():
             return 130
+        _warm_up(pipelines.values(), config)
 
         for pipe in pipelines.values():
             pipe.metrics_port = _free_port()

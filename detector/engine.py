@@ -29,6 +29,7 @@ whether its events come one by one or in big mixed batches.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -297,6 +298,26 @@ class Engine:
         new_state = self.model.step(torch.from_numpy(result.model_input), attrs_t, state)
         self._hidden.index_copy_(0, index, new_state.reshape(len(slot), -1))
         return result
+
+    def warm_up(self) -> float:
+        """Compile the kernels this engine runs, on a throwaway engine with the same model and
+        scorer (this engine's state is untouched); returns the seconds it took. numba keeps them
+        in its on-disk cache, so only the first process after an install pays (about a minute on
+        2 cores): a worker does it before it joins its group, so that it never holds partitions
+        it cannot serve yet."""
+        started = time.perf_counter()
+        scratch = Engine(self.model, scorer=self.scorer, initial_capacity=2)
+        n = 2  # one stream's two events: two waves
+        scratch.step_many(
+            EventBatch(
+                ["warm-up"] * n,
+                np.zeros(n),
+                np.zeros((n, self.n_features), dtype=np.float32),
+                np.zeros((n, self.n_attrs), dtype=np.int64),
+            )
+        )
+        scratch.forget(["warm-up"])
+        return time.perf_counter() - started
 
     # ---- snapshots --------------------------------------------------------------------------
 

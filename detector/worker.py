@@ -225,6 +225,9 @@ class Worker:
                     m.host, m.port, registry=self.metrics.registry, health=self.health
                 )
                 stack.callback(self.http.stop)
+            seconds = self.engine.warm_up()
+            if seconds > 1.0:
+                log.info("compiled the engine's kernels in %.0f s (cached for next time)", seconds)
             self._restore()
             if not self._connect(deadline):
                 self.summary.seconds = time.monotonic() - started

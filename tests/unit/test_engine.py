@@ -87,6 +87,21 @@ def test_warmup_then_scored_per_stream():
     assert not result.is_alert[:3].any()
 
 
+def test_warming_up_the_kernels_leaves_the_engine_as_it_was():
+    def engine() -> Engine:
+        return Engine(make_model(n_attrs=1), scorer=Scorer(0.9999, warmup_events=3))
+
+    first = make_batch(["a"] * 5, range(5), [[1.0, 2.0]] * 5, attrs=[[3]] * 5)
+    then = make_batch(["a", "b"] * 2, range(5, 9), [[1.5, 2.5]] * 4, attrs=[[3]] * 4)
+    warmed, plain = engine(), engine()
+    warmed.step_many(first)
+    plain.step_many(first)
+    assert warmed.warm_up() >= 0.0
+    assert warmed.active_streams == 1 and "warm-up" not in warmed._table
+    assert np.array_equal(warmed.step_many(then).score, plain.step_many(then).score)
+    assert torch.equal(warmed.snapshot().rows32, plain.snapshot().rows32)
+
+
 def test_a_spike_after_a_steady_history_alerts_and_blames_its_feature():
     engine = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=20))
     rng = np.random.default_rng(1)

@@ -1,9 +1,12 @@
 """The scorer's evidence channels, fed directly with an uninformative forecast (variance e^5), so
 that the forecast residuals say nothing and the channel under test decides."""
 
-import numpy as np
+import math
 
-from detector.scoring import TAIL_EDGES, Scorer, _own_tail_z
+import numpy as np
+import pytest
+
+from detector.scoring import TAIL_EDGES, Scorer, _own_tail_z, _z_of_log_tail, _z_of_t
 
 
 def feed(values, scorer: Scorer) -> np.ndarray:
@@ -34,6 +37,16 @@ def test_a_record_far_beyond_a_stationary_range_alerts():
     assert out[-1, 0] > 0.9999 and out[-1, 2]
 
 
+def test_a_record_among_few_values_is_not_judged_as_one():
+    rng = np.random.default_rng(0)
+    steady = rng.uniform(0.0, 1.0, 40)  # past warm-up, short of RECORD_MIN_EVENTS
+    young, old = (
+        feed(np.append(steady, 1.5), Scorer(0.9999)),
+        feed(np.append(np.tile(steady, 3), 1.5), Scorer(0.9999)),
+    )
+    assert young[-1, 0] < 0.99 < 0.9999 < old[-1, 0]
+
+
 def test_a_trending_stream_sets_records_all_the_time_and_learns_that_it_does():
     rng = np.random.default_rng(0)
     trend = np.arange(500) * 0.01 + rng.uniform(0.0, 1.0, 500)
@@ -49,3 +62,18 @@ def test_own_tails_follow_how_often_the_stream_really_goes_that_far():
     often = _own_tail_z(3.5, counts, 0, TAIL_EDGES)
     assert often < 3.0 < 3.5 < never
     assert _own_tail_z(1.0, counts, 0, TAIL_EDGES) == 1.0  # below the first level: as fitted
+
+
+def _t_upper_tail(t: float, dof: float) -> float:
+    """Student's t upper tail by integrating its density (no scipy here)."""
+    x = np.linspace(t, t + 400.0, 2_000_001)
+    log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    return float(np.trapezoid(np.exp(log_c - (dof + 1) / 2 * np.log1p(x * x / dof)), x))
+
+
+@pytest.mark.parametrize("dof", [10.0, 50.0, 1000.0])
+@pytest.mark.parametrize("t", [1.0, 3.0, 4.0, 8.0])
+def test_a_z_against_an_estimated_spread_is_read_as_students_t(t, dof):
+    exact = _z_of_log_tail(math.log(_t_upper_tail(t, dof)))
+    assert _z_of_t(t, dof) == pytest.approx(exact, abs=0.02)
+    assert _z_of_t(t, dof) <= t  # never stronger than against a known spread
