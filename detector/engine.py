@@ -290,8 +290,17 @@ class Engine:
         if len(logged):  # the model's scale in, the features' own units out
             x = x.copy()
             x[:, logged] = symlog(x[:, logged])
+        # Contiguous, so that every wave size runs one compiled kernel (a wave of one event
+        # gives a contiguous half of the head's output, a wave of more a strided one).
         result = self.scorer.score_wave(
-            slot, x, attrs, ts, forecast.numpy(), logvar.numpy(), self._stats, self._clocks
+            slot,
+            x,
+            attrs,
+            ts,
+            forecast.contiguous().numpy(),
+            logvar.contiguous().numpy(),
+            self._stats,
+            self._clocks,
         )
         if len(logged):
             result.details[:, 1 + logged] = symexp(result.details[:, 1 + logged])

@@ -18,7 +18,11 @@
    the others, and once it is below `STUCK_LOG_P` the run counts as stuck at one fixed level, so
    that it is news (and alerts) once. A counter stream that often repeats learns a high p and is
    not flagged.
-5. Own tails: the windows' tails are fitted (an exponential beyond 2 sd), and a bursty stream
+5. Own tails: the windows' tails are fitted (an exponential beyond 2 sd, its mean excess
+   learned from the stream's exceedances). The probability is the fit's predictive one: with
+   the mean excess known from k exceedances (plus `TAIL_PRIOR`), an excess u is as likely as
+   (1 + u / (k mean))^-k (Lomax), heavier than e^(-u / mean) while k is small, so that a stream
+   whose tail rests on a few exceedances is not trusted to the sixth nine. And a bursty stream
    goes that far more often than the fit says. Each stream counts the share of its events that
    reached each of the `TAIL_EDGES` levels; the probability of a z is the fitted one mixed with
    the counted share (carried above the last level by the fitted shape), the fit trusted as
@@ -213,7 +217,7 @@ class Scorer:
         self.windows = tuple(float(w) for w in windows)
         self.long_window = long_window
         self.calibration = calibration or Calibration()
-        self.novelty_block = max(1.0, round(novelty_window / 2.0))
+        self.novelty_block = float(max(1, round(novelty_window / 2.0)))
         self.novelty_memory = novelty_window >= 2.0  # below that, every event is judged alone
         self.warmup_events = warmup_events
         self.cooldown_seconds = cooldown_seconds
@@ -290,8 +294,12 @@ class Scorer:
         _score_wave(
             slots, x, attrs, ts, forecast, logvar, stats, clocks, self._alphas,
             self._new_value_rates(n_attrs),
-            self.threshold, 1.0 / self.long_window, self.novelty_block, self.novelty_memory,
-            float(self.warmup_events), self.cooldown_seconds, self.norm_window,
+            # Every scalar as a float (and the arrays C-contiguous, see Engine._step_wave): numba
+            # compiles one version per argument types, and a worker compiles only what its
+            # warm-up did (an int novelty block in one config, a float in another, was two).
+            float(self.threshold), 1.0 / self.long_window, float(self.novelty_block),
+            bool(self.novelty_memory), float(self.warmup_events), float(self.cooldown_seconds),
+            float(self.norm_window),
             out.score, out.probability, out.alert, out.warm, out.model_input, out.details,
         )  # fmt: skip
         return out
@@ -530,7 +538,10 @@ def _score_wave(
             zk = _z_of_t((average - normal) / row_sd, count + PRIOR_WEIGHT)
             z_body = max(z_body, min(zk, TAIL_Z))
             if zk > TAIL_Z:
-                tail = math.log(row[rate_at + k]) - (zk - TAIL_Z) / row[excess_at + k]
+                # Exceedances behind the fit: its rate times the events its average spans.
+                shape = TAIL_PRIOR + row[rate_at + k] * min(count + PRIOR_WEIGHT, 2.0 / long_alpha)
+                excess = (zk - TAIL_Z) / (shape * row[excess_at + k])
+                tail = math.log(row[rate_at + k]) - shape * math.log1p(excess)
                 log_tail = min(log_tail, tail)
             row[avg_at + k] = average if count >= 2 else row[avg_at + k]
 
