@@ -213,15 +213,18 @@ class Scorer:
     ) -> None:
         if not windows or min(windows) < 1.0:
             raise ValueError(f"windows must be >= 1 event each, got {windows}")
-        self.threshold = threshold
+        # Scalars as floats: numba compiles one kernel per argument types, and a worker
+        # compiles only what its warm-up did (an int novelty block in one config, a float in
+        # another, were two kernels).
+        self.threshold = float(threshold)
         self.windows = tuple(float(w) for w in windows)
-        self.long_window = long_window
+        self.long_window = float(long_window)
         self.calibration = calibration or Calibration()
         self.novelty_block = float(max(1, round(novelty_window / 2.0)))
         self.novelty_memory = novelty_window >= 2.0  # below that, every event is judged alone
         self.warmup_events = warmup_events
-        self.cooldown_seconds = cooldown_seconds
-        self.norm_window = norm_window
+        self.cooldown_seconds = float(cooldown_seconds)
+        self.norm_window = float(norm_window)
         self._alphas = np.array([1.0 / w for w in self.windows])
         self._rates: dict[int, np.ndarray] = {}
 
@@ -294,12 +297,8 @@ class Scorer:
         _score_wave(
             slots, x, attrs, ts, forecast, logvar, stats, clocks, self._alphas,
             self._new_value_rates(n_attrs),
-            # Every scalar as a float (and the arrays C-contiguous, see Engine._step_wave): numba
-            # compiles one version per argument types, and a worker compiles only what its
-            # warm-up did (an int novelty block in one config, a float in another, was two).
-            float(self.threshold), 1.0 / self.long_window, float(self.novelty_block),
-            bool(self.novelty_memory), float(self.warmup_events), float(self.cooldown_seconds),
-            float(self.norm_window),
+            self.threshold, 1.0 / self.long_window, self.novelty_block, self.novelty_memory,
+            float(self.warmup_events), self.cooldown_seconds, self.norm_window,
             out.score, out.probability, out.alert, out.warm, out.model_input, out.details,
         )  # fmt: skip
         return out
@@ -529,19 +528,21 @@ def _score_wave(
         capped = min(s, normal + WINSOR_Z * math.sqrt(max(row[wvar_at], 1e-8)))
         z_body = -Z_MAX
         log_tail = 0.0
+        dof = count + PRIOR_WEIGHT  # events behind the statistics, the prior's included
+        tail_events = min(dof, 2.0 / long_alpha)  # ... and behind an average of long_alpha
         for k in range(w):
             # Window 1 sees s as it is; longer ones see it winsorised, so that one spike (judged
             # by window 1) does not hold them up for dozens of events.
             seen = s if alphas[k] == 1.0 else capped
             average = row[avg_at + k] + alphas[k] * (seen - row[avg_at + k])
             row_sd = math.sqrt(max(row[wvar_at + k], 1e-8))
-            zk = _z_of_t((average - normal) / row_sd, count + PRIOR_WEIGHT)
+            zk = _z_of_t((average - normal) / row_sd, dof)
             z_body = max(z_body, min(zk, TAIL_Z))
             if zk > TAIL_Z:
                 # Exceedances behind the fit: its rate times the events its average spans.
-                shape = TAIL_PRIOR + row[rate_at + k] * min(count + PRIOR_WEIGHT, 2.0 / long_alpha)
-                excess = (zk - TAIL_Z) / (shape * row[excess_at + k])
-                tail = math.log(row[rate_at + k]) - shape * math.log1p(excess)
+                shape = TAIL_PRIOR + row[rate_at + k] * tail_events
+                scaled = (zk - TAIL_Z) / (shape * row[excess_at + k])
+                tail = math.log(row[rate_at + k]) - shape * math.log1p(scaled)
                 log_tail = min(log_tail, tail)
             row[avg_at + k] = average if count >= 2 else row[avg_at + k]
 
