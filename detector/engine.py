@@ -5,8 +5,8 @@ contiguous for the matrix products), the statistics (float32: event count, norma
 statistics; see `Scorer`) and the clocks (float64: last event time, cooldown end). A batch is
 scored in waves: wave k holds the k-th event of every stream in the batch, so a stream with several
 events is stepped in order. A wave is one gather of recurrent states, one batched forecast, one
-compiled pass of the scorer over the statistics rows (in place), one batched recurrent step and
-one scatter: no per-event Python.
+compiled pass of the scorer over the statistics rows (in place) and one batched recurrent step
+that writes the new states back into the slab: no per-event Python.
 Every row is computed from its own stream's state only, which is why a stream gets the same scores
 whether its events come one by one or in big mixed batches.
 
@@ -290,22 +290,13 @@ class Engine:
         if len(logged):  # the model's scale in, the features' own units out
             x = x.copy()
             x[:, logged] = symlog(x[:, logged])
-        # Contiguous, so that every wave size runs one compiled kernel (a wave of one event
-        # gives a contiguous half of the head's output, a wave of more a strided one).
         result = self.scorer.score_wave(
-            slot,
-            x,
-            attrs,
-            ts,
-            forecast.contiguous().numpy(),
-            logvar.contiguous().numpy(),
-            self._stats,
-            self._clocks,
+            slot, x, attrs, ts, forecast.numpy(), logvar.numpy(), self._stats, self._clocks
         )
         if len(logged):
             result.details[:, 1 + logged] = symexp(result.details[:, 1 + logged])
-        new_state = self.model.step(torch.from_numpy(result.model_input), attrs_t, state)
-        self._hidden.index_copy_(0, index, new_state.reshape(len(slot), -1))
+        model_input = torch.from_numpy(result.model_input)
+        self.model.step_into(model_input, attrs_t, state, self._hidden, index)
         return result
 
     def warm_up(self) -> float:

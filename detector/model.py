@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from detector.fused_gru import gru_step
+from detector.fused_gru import gru_step, gru_step_into
+from detector.fused_head import linear_head
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 LOGVAR_MIN, LOGVAR_MAX = -7.0, 5.0  # variance of a normalised feature: ~1e-3 .. ~150
@@ -130,8 +131,23 @@ class Forecaster(nn.Module):
         self, state: torch.Tensor, attrs: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forecast of the next event from streaming states (B, L, S) and that event's attrs
-        (B, A) -> mean, logvar (B, F)."""
-        return self._head(state[:, -1, : self.config.hidden_size], attrs)
+        (B, A) -> mean, logvar (B, F), contiguous. For streaming: the head runs as one compiled
+        pass (`fused_head`), without dropout and gradient."""
+        top = state[:, -1, : self.config.hidden_size]
+        return linear_head(
+            self._with_attrs(top, attrs), self.head.weight, self.head.bias, LOGVAR_MIN, LOGVAR_MAX
+        )
+
+    def _layer_weights(
+        self, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        core = self.core
+        return (
+            getattr(core, f"weight_ih_l{layer}"),
+            getattr(core, f"weight_hh_l{layer}"),
+            getattr(core, f"bias_ih_l{layer}"),
+            getattr(core, f"bias_hh_l{layer}"),
+        )
 
     def step(
         self, x: torch.Tensor, attrs: torch.Tensor | None, state: torch.Tensor
@@ -143,12 +159,7 @@ class Forecaster(nn.Module):
         hidden = self.config.hidden_size
         new_layers = []
         for layer in range(self.config.num_layers):
-            weights = (
-                getattr(self.core, f"weight_ih_l{layer}"),
-                getattr(self.core, f"weight_hh_l{layer}"),
-                getattr(self.core, f"bias_ih_l{layer}"),
-                getattr(self.core, f"bias_hh_l{layer}"),
-            )
+            weights = self._layer_weights(layer)
             previous = state[:, layer]  # (B, S)
             if self.config.cell == "gru":
                 h = gru_step(layer_input, previous, *weights)
@@ -165,3 +176,25 @@ class Forecaster(nn.Module):
         if len(new_layers) == 1:
             return new_layers[0].unsqueeze(1)  # (B, 1, S), no copy
         return torch.stack(new_layers, dim=1)  # (B, L, S)
+
+    def step_into(
+        self,
+        x: torch.Tensor,
+        attrs: torch.Tensor | None,
+        state: torch.Tensor,
+        slab: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> None:
+        """`step`, the new states stored in rows `rows` (B,) of `slab` (C, L * S), the engine's
+        state slab. A GRU's gates write each layer's state there themselves."""
+        if self.config.cell != "gru":
+            slab.index_copy_(0, rows, self.step(x, attrs, state).reshape(len(rows), -1))
+            return
+        layer_input = self._with_attrs(x, attrs)
+        size = self.state_size
+        for layer in range(self.config.num_layers):
+            column = layer * size
+            weights = self._layer_weights(layer)
+            gru_step_into(layer_input, state[:, layer], *weights, slab, rows, column)
+            if layer + 1 < self.config.num_layers:
+                layer_input = slab[:, column : column + size].index_select(0, rows)

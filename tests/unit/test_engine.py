@@ -104,7 +104,10 @@ def test_warming_up_the_kernels_leaves_the_engine_as_it_was():
 
 def test_after_the_warm_up_no_batch_needs_another_compiled_kernel():
     from detector.fused_gru import _gates
+    from detector.fused_head import _head
     from detector.scoring import _score_wave
+
+    kernels = (_score_wave, _gates, _head)
 
     model = Forecaster(
         ForecasterConfig(n_features=2, hidden_size=8, n_attrs=1, attr_buckets=16, log_scale=(0,))
@@ -112,11 +115,11 @@ def test_after_the_warm_up_no_batch_needs_another_compiled_kernel():
     for novelty_window in (1.0, 200.0):  # an int or a float novelty block were two kernels
         engine = Engine(model, scorer=Scorer(0.9999, novelty_window=novelty_window))
         engine.warm_up()
-        compiled = (len(_score_wave.signatures), len(_gates.signatures))
+        compiled = [len(kernel.signatures) for kernel in kernels]
         for streams in (["a"], ["a", "b"], ["a", "b", "a", "c", "a"]):  # waves of 1, 2 and 3
             n = len(streams)
             engine.step_many(make_batch(streams, range(n), np.ones((n, 2)), attrs=np.zeros((n, 1))))
-        assert (len(_score_wave.signatures), len(_gates.signatures)) == compiled
+        assert [len(kernel.signatures) for kernel in kernels] == compiled
 
 
 def test_a_spike_after_a_steady_history_alerts_and_blames_its_feature():

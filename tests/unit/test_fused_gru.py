@@ -26,16 +26,19 @@ def test_the_polynomial_exponential_is_float32_accurate_over_its_whole_range():
 
 @pytest.mark.parametrize("batch", [1, 7, 4096])
 @pytest.mark.parametrize("scale", [0.1, 1.0, 30.0])  # from linear gates to fully saturated ones
-def test_the_fused_step_matches_torch_gru_cell(batch, scale):
+def test_the_fused_step_is_as_accurate_as_torch_gru_cell(batch, scale):
     torch.manual_seed(batch)
     cell = torch.nn.GRUCell(5, 16)
     with torch.no_grad():
         for weight in cell.parameters():
             weight.mul_(scale)
         x, h = torch.randn(batch, 5) * scale, torch.randn(batch, 16).tanh()
-        expected = cell(x, h)
-        fused = gru_step(x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-    torch.testing.assert_close(fused, expected, atol=2e-6, rtol=1e-5)
+        torch_error = (cell(x, h).double() - cell.double()(x.double(), h.double())).abs().max()
+        exact = cell(x.double(), h.double())
+        fused = gru_step(x, h, *(w.float() for w in cell.parameters()))
+    # Both sum the products in float32, in different orders: with saturated gates each is off
+    # by a few float32 steps of the pre-activations (~1e-5 at scale 30), no more than torch.
+    assert (fused.double() - exact).abs().max() <= 2 * torch_error + 2e-6
 
 
 def test_a_non_contiguous_state_is_read_correctly():
