@@ -108,6 +108,7 @@ REPEAT_PRIOR = 0.05  # prior rate of exactly repeated values
 STUCK_RATE_MAX = 0.1  # a feature that repeats more often than this cannot look "stuck"
 REPEAT_FLOOR = 1e-3  # a run's probability is never judged below this rate per step
 TAIL_Z = 2.0  # where a window's tail starts, in sd
+PHI_TAIL_Z = 0.5 * math.erfc(-TAIL_Z / math.sqrt(2.0))
 TAIL_RATE_PRIOR = 0.0228  # Gaussian P(z > 2)
 TAIL_EXCESS_PRIOR = 0.37  # Gaussian E[z - 2 | z > 2]
 TAIL_EXCESS_MIN, TAIL_EXCESS_MAX = 0.2, 20.0
@@ -553,7 +554,7 @@ def _score_wave(
         for j in range(f):
             run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
             excess = max(run - row[longest_at + j], 0.0)
-            if row[repeat_at + j] < STUCK_RATE_MAX:  # only where exact repeats are rare
+            if excess > 0.0 and row[repeat_at + j] < STUCK_RATE_MAX:  # where repeats are rare
                 log_stuck = min(log_stuck, excess * math.log(max(row[repeat_at + j], REPEAT_FLOOR)))
         log_stuck = -STUCK_LOG_P_MIN if log_stuck <= -STUCK_LOG_P else log_stuck
         log_fit = max(min(log_tail, log_stuck), -LOG_P_MIN)
@@ -620,7 +621,8 @@ def _score_wave(
             peak = TAIL_Z
         news = np.float32(zed) > max(peak, last_peak)
         probability[i] = prob
-        score[i] = prob if (news or is_warm) else _ndtr(min(zed, TAIL_Z))
+        # Old news scores at most Phi(TAIL_Z): what an ordinary event can score.
+        score[i] = prob if (news or is_warm or zed < TAIL_Z) else PHI_TAIL_Z
         warm[i] = is_warm
         alert[i] = score[i] >= threshold and ts[i] >= clocks[slots[i], 1]
         if alert[i]:
