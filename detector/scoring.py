@@ -26,8 +26,9 @@
    goes that far more often than the fit says. Each stream counts the share of its events that
    reached each of the `TAIL_EDGES` levels; the probability of a z is the fitted one mixed with
    the counted share (carried above the last level by the fitted shape), the fit trusted as
-   much as `TAIL_TRUST` counted events. A stream of tweet volumes whose 4-sd bursts are weekly
-   events learns that they are; no anomaly teaches a stream that the far tail is normal.
+   much as `TAIL_TRUST` counted events. A stream of tweet volumes whose 6-sd bursts are weekly
+   events learns that they are. A stuck run is one finding however long it lasts, and is not
+   counted: a sensor that was stuck for an hour is not deaf to its next anomaly.
 6. Records: a value beyond the highest (lowest) the stream has shown, by more than
    `RECORD_MARGIN` of their range. Among n exchangeable values the newest is a record with
    probability 1/n, so records are expected ln(n) + 0.58 times by the n-th value; a stream that
@@ -122,10 +123,11 @@ ANOMALOUS_SIGHTING = 0.5  # what an anomalous event adds to its attr value's cou
 NEW_VALUE_RATE = 0.01  # prior rate of values new to a stream, where training measured none
 Z_MAX = 8.0  # z-scores are capped here: 1 - Phi(8) ~ 6e-16 is still a distinct float64
 STUCK_LOG_P = 9.2  # a run this improbable (1e-4, the default alert level) is taken as stuck
-# z levels at which a stream counts its own events. Beyond the last, the stream's share there is
-# carried on by the fitted shape: no anomaly, however long, teaches the stream that the far tail
-# is normal.
-TAIL_EDGES = np.arange(2.0, 4.01, 0.25)
+# z levels at which a stream counts its own events, finer where most of them fall; beyond the
+# last (the z cap), the stream's share there is carried on by the fitted shape. Stuck runs are
+# not counted (see the kernel), so no stuck sensor, however long, teaches a stream that the far
+# tail is common.
+TAIL_EDGES = np.r_[np.arange(2.0, 4.01, 0.25), 4.5, 5.0, 6.0, 7.0, 8.0]
 TAIL_TRUST = 10000.0  # events' worth of trust in the fitted tails against the counted ones
 TAIL_MEMORY = 1e5  # events over which the counts are kept (exponentially)
 RECORD_MARGIN = 0.01  # a record counts once it beats the old one by this share of the range
@@ -682,7 +684,11 @@ def _score_wave(
             alpha = max(1.0 / (count + PRIOR_WEIGHT + 1.0), long_alpha)
             row[peak_at] = peak if is_warm else max(peak, zed)
             row[last_peak_at] = last_peak
-            if not is_warm:
+            # A stuck run is counted by no level: it is one finding, and counted it taught the
+            # stream that the far tail is common (a 78-event run left 5% of a stream's events
+            # at z >= 4, and its next anomaly, a level shift with 5x the largest error the
+            # stream had shown, at q 2.8).
+            if not is_warm and log_stuck > -STUCK_LOG_P_MIN:
                 counted = row[counts_at + n_edges]
                 rate_alpha = max(1.0 / (counted + 1.0), 1.0 / TAIL_MEMORY)
                 for k in range(n_edges):

@@ -1,5 +1,6 @@
 """The scorer's evidence channels, fed directly with an uninformative forecast (variance e^5), so
-that the forecast residuals say nothing and the channel under test decides."""
+that the forecast residuals say nothing and the channel under test decides (unless a test gives
+the forecast a variance of its own)."""
 
 import math
 
@@ -9,8 +10,9 @@ import pytest
 from detector.scoring import TAIL_EDGES, Scorer, _own_tail_z, _z_of_log_tail, _z_of_t
 
 
-def feed(values, scorer: Scorer) -> np.ndarray:
-    """(T, 3): probability, score and alert of each value of one univariate stream."""
+def feed(values, scorer: Scorer, logvar: float = 5.0) -> np.ndarray:
+    """(T, 3): probability, score and alert of each value of one univariate stream, forecast as
+    0 with log-variance `logvar` in the stream's normalised units."""
     stats = scorer.initial_row(1)[None, :].copy()
     clocks = np.zeros((1, 2))
     rows = []
@@ -21,7 +23,7 @@ def feed(values, scorer: Scorer) -> np.ndarray:
             np.zeros((1, 0), np.int64),
             np.array([float(t)]),
             np.zeros((1, 1), np.float32),
-            np.full((1, 1), 5.0, np.float32),
+            np.full((1, 1), logvar, np.float32),
             stats,
             clocks,
         )
@@ -52,6 +54,20 @@ def test_a_trending_stream_sets_records_all_the_time_and_learns_that_it_does():
     trend = np.arange(500) * 0.01 + rng.uniform(0.0, 1.0, 500)
     out = feed(np.append(trend, trend.max() + 0.1), Scorer(0.9999))
     assert out[-1, 0] < 0.9999 and not out[-1, 2]
+
+
+def test_a_stuck_run_does_not_teach_the_stream_that_its_far_tail_is_common():
+    rng = np.random.default_rng(0)
+    before, after = rng.standard_normal(600), rng.standard_normal(300)
+    stuck = np.full(80, before[-1])  # the sensor repeats its last value for 80 events
+    spike = [6.0]
+    plain = feed(np.concatenate([before, after, spike]), Scorer(0.9999), logvar=0.0)
+    once_stuck = feed(np.concatenate([before, stuck, after, spike]), Scorer(0.9999), logvar=0.0)
+    assert once_stuck[600:680, 2].sum() == 1  # the run alerts once
+    assert once_stuck[-1, 2] and plain[-1, 2]
+    # The spike is judged as it would be had the sensor never been stuck: 1 - 10^-4.85 against
+    # 1 - 10^-4.98; when the run's events were counted in the own tails, 1 - 10^-4.12.
+    assert -math.log10(1 - once_stuck[-1, 0]) > -math.log10(1 - plain[-1, 0]) - 0.5
 
 
 def test_own_tails_follow_how_often_the_stream_really_goes_that_far():
