@@ -5,8 +5,10 @@ contiguous for the matrix products), the statistics (float32: event count, norma
 statistics; see `Scorer`) and the clocks (float64: last event time, cooldown end). A batch is
 scored in waves: wave k holds the k-th event of every stream in the batch, so a stream with several
 events is stepped in order. A wave is one gather of recurrent states, one batched forecast, one
-compiled pass of the scorer over the statistics rows (in place) and one batched recurrent step
-that writes the new states back into the slab: no per-event Python.
+compiled pass of the scorer over the statistics rows (in place; it reads the wave's events from
+the batch's columns and writes their verdicts into the batch's result rows, so a later wave
+costs no gather or scatter of its own) and one batched recurrent step that writes the new
+states back into the slab: no per-event Python.
 Every row is computed from its own stream's state only, which is why a stream gets the same scores
 whether its events come one by one or in big mixed batches.
 
@@ -41,7 +43,7 @@ from detector.allocator import keep_freed_memory
 from detector.events import EventBatch
 from detector.model import Forecaster
 from detector.normalization import symexp, symlog
-from detector.scoring import Calibration, Scorer, WaveResult
+from detector.scoring import Calibration, Scorer, Scores
 from detector.slots import SlotTable
 
 SCORED, WARMUP, REJECTED = 0, 1, 2
@@ -239,36 +241,27 @@ class Engine:
     def step_many(self, batch: EventBatch) -> StepResult:
         n = len(batch)
         slots = self._lookup(batch)
-        outcome = np.full(n, SCORED, dtype=np.int8)
+        scores = Scores.empty(n, self.n_features, self.n_attrs)
+        values, logged = batch.values, self._log_scale
+        if len(logged):  # the model's scale in, the features' own units out
+            values = values.copy()
+            values[:, logged] = symlog(values[:, logged])
+        for rows in self._waves(slots):
+            self._step_wave(rows, slots[rows], values, batch, scores)
+        if len(logged):
+            scores.details[:, 1 + logged] = symexp(scores.details[:, 1 + logged])
+        outcome = np.where(scores.warm, WARMUP, SCORED).astype(np.int8)
         outcome[slots < 0] = REJECTED
-        attrs = batch.attrs
-        waves = self._waves(slots)
-        if len(waves) == 1 and len(waves[0]) == n:  # the common case: n distinct known streams
-            result = self._step_wave(slots, batch.values, batch.ts, attrs)
-            outcome[result.warm] = WARMUP
-            score, alert, probability, details = (
-                result.score,
-                result.alert,
-                result.probability,
-                result.details,
-            )
-        else:
-            score, probability = np.zeros(n), np.zeros(n)
-            alert = np.zeros(n, dtype=np.bool_)
-            details = np.zeros((n, 1 + 2 * self.n_features + self.n_attrs), dtype=np.float32)
-            for rows in waves:
-                result = self._step_wave(
-                    slots[rows],
-                    batch.values[rows],
-                    batch.ts[rows],
-                    attrs[rows],
-                )
-                score[rows], probability[rows] = result.score, result.probability
-                alert[rows], details[rows] = result.alert, result.details
-                outcome[rows[result.warm]] = WARMUP
         if n:
             self.watermark = max(self.watermark, float(batch.ts.max()))
-        return StepResult(outcome, score, alert, probability, details, self.n_features)
+        return StepResult(
+            outcome,
+            scores.score,
+            scores.alert,
+            scores.probability,
+            scores.details,
+            self.n_features,
+        )
 
     def _waves(self, slots: np.ndarray) -> list[np.ndarray]:
         """Row indices of each wave: wave k holds every stream's k-th event, in batch order."""
@@ -279,25 +272,25 @@ class Engine:
         return [np.flatnonzero(rank == k) for k in range(waves)]
 
     def _step_wave(
-        self, slot: np.ndarray, x: np.ndarray, ts: np.ndarray, attrs: np.ndarray
-    ) -> WaveResult:
-        """One event for each of B distinct streams: score it, then fold it into the state."""
+        self,
+        rows: np.ndarray,
+        slot: np.ndarray,
+        values: np.ndarray,
+        batch: EventBatch,
+        scores: Scores,
+    ) -> None:
+        """The events at `rows` of the batch, one for each of B distinct streams (`slot`): score
+        them into `scores`, then fold them into the state. `values` are the batch's, on the
+        model's scale."""
         index = torch.from_numpy(slot)
         state = self._hidden.index_select(0, index).view(-1, *self._state_shape)  # (B, L, S)
-        attrs_t = torch.from_numpy(attrs) if self.n_attrs else None
+        attrs_t = torch.from_numpy(batch.attrs[rows]) if self.n_attrs else None
         forecast, logvar = self.model.predict(state, attrs_t)  # (B, F) each
-        logged = self._log_scale
-        if len(logged):  # the model's scale in, the features' own units out
-            x = x.copy()
-            x[:, logged] = symlog(x[:, logged])
-        result = self.scorer.score_wave(
-            slot, x, attrs, ts, forecast.numpy(), logvar.numpy(), self._stats, self._clocks
-        )
-        if len(logged):
-            result.details[:, 1 + logged] = symexp(result.details[:, 1 + logged])
-        model_input = torch.from_numpy(result.model_input)
-        self.model.step_into(model_input, attrs_t, state, self._hidden, index)
-        return result
+        model_input = self.scorer.score_wave(
+            rows, slot, values, batch.attrs, batch.ts, forecast.numpy(), logvar.numpy(),
+            self._stats, self._clocks, scores,
+        )  # fmt: skip
+        self.model.step_into(torch.from_numpy(model_input), attrs_t, state, self._hidden, index)
 
     def warm_up(self) -> float:
         """Compile the kernels this engine runs, on a throwaway engine with the same model and

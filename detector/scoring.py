@@ -84,8 +84,10 @@ of events (distinct streams) in one compiled pass that reads and writes those ro
 >>> stats[:, 1:3], stats[:, 3:5] = x, 1.0                          # mean = x, var = 1
 >>> forecast = np.array([[0.5, -0.3], [-9.0, 0.1]], dtype=np.float32)   # in sd, (B, F)
 >>> no_attrs = np.zeros((2, 0), dtype=np.int64)
->>> out = scorer.score_wave(np.arange(2), x, no_attrs, np.zeros(2), forecast,
-...                         np.zeros_like(forecast), stats, np.zeros((2, 2)))
+>>> out = Scores.empty(2, n_features=2)                            # the batch's verdicts
+>>> both = np.arange(2)                                            # batch rows and slots
+>>> model_input = scorer.score_wave(both, both, x, no_attrs, np.zeros(2), forecast,
+...                                 np.zeros_like(forecast), stats, np.zeros((2, 2)), out)
 >>> out.probability.round(3).tolist(), out.alert.tolist()
 ([0.433, 1.0], [False, True])
 >>> out.details[1, 3:].round(3).tolist()                           # contributions
@@ -171,15 +173,25 @@ class Calibration:
 
 
 @dataclass
-class WaveResult:
-    """One row per event of a wave."""
+class Scores:
+    """The scorer's verdict on the events of a batch, one row each, filled wave by wave."""
 
-    score: np.ndarray  # (B,) float64 probability where the event is news, else Phi(TAIL_Z)
-    probability: np.ndarray  # (B,) float64 calibrated anomaly probability
-    alert: np.ndarray  # (B,) bool
-    warm: np.ndarray  # (B,) bool: still warming up (score and probability are 0)
-    model_input: np.ndarray  # (B, F) float32 normalised values, clipped for the model
-    details: np.ndarray  # (B, 1 + 2F + A) float32: error | expected (F) | contributions (F + A)
+    score: np.ndarray  # (N,) float64 probability where the event is news, else Phi(TAIL_Z)
+    probability: np.ndarray  # (N,) float64 calibrated anomaly probability
+    alert: np.ndarray  # (N,) bool
+    warm: np.ndarray  # (N,) bool: still warming up (score and probability are 0)
+    details: np.ndarray  # (N, 1 + 2F + A) float32: error | expected (F) | contributions (F + A)
+
+    @classmethod
+    def empty(cls, n: int, n_features: int, n_attrs: int = 0) -> Scores:
+        """Zeros: what a row the scorer never sees (a refused event) keeps."""
+        return cls(
+            score=np.zeros(n),
+            probability=np.zeros(n),
+            alert=np.zeros(n, dtype=np.bool_),
+            warm=np.zeros(n, dtype=np.bool_),
+            details=np.zeros((n, 1 + 2 * n_features + n_attrs), dtype=np.float32),
+        )
 
 
 @numba.vectorize(["float64(float64)"], cache=True)
@@ -272,6 +284,7 @@ class Scorer:
 
     def score_wave(
         self,
+        rows: np.ndarray,
         slots: np.ndarray,
         x: np.ndarray,
         attrs: np.ndarray,
@@ -280,31 +293,27 @@ class Scorer:
         logvar: np.ndarray,
         stats: np.ndarray,
         clocks: np.ndarray,
-    ) -> WaveResult:
-        """Score one event for each of B distinct streams and fold it into their rows.
+        out: Scores,
+    ) -> np.ndarray:
+        """Score the events at `rows` (B,) of a batch, one for each of B distinct streams, and
+        fold them into their streams' rows; returns their normalised values (B, F), clipped,
+        for the model.
 
-        slots (B,) index `stats` (C, width) and `clocks` (C, 2: last time, cooldown end), which
-        are updated in place; x, forecast and logvar are (B, F), the forecast in normalised units;
-        attrs (B, A) are the categorical attrs' hash buckets (A may be 0).
+        x (N, F), attrs (N, A: the categorical attrs' hash buckets, A may be 0) and ts (N,) are
+        the batch's, and the verdicts go to the same rows of `out`; slots (B,), forecast and
+        logvar (B, F, in normalised units) are the wave's. slots index `stats` (C, width) and
+        `clocks` (C, 2: last time, cooldown end), which are updated in place.
         """
-        b, f = x.shape
         n_attrs = attrs.shape[1]
-        out = WaveResult(
-            score=np.empty(b),
-            probability=np.empty(b),
-            alert=np.empty(b, dtype=np.bool_),
-            warm=np.empty(b, dtype=np.bool_),
-            model_input=np.empty((b, f), dtype=np.float32),
-            details=np.empty((b, 1 + 2 * f + n_attrs), dtype=np.float32),
-        )
+        model_input = np.empty((len(rows), x.shape[1]), dtype=np.float32)
         _score_wave(
-            slots, x, attrs, ts, forecast, logvar, stats, clocks, self._alphas,
+            rows, slots, x, attrs, ts, forecast, logvar, stats, clocks, self._alphas,
             self._new_value_rates(n_attrs),
             self.threshold, 1.0 / self.long_window, self.novelty_block, self.novelty_memory,
             float(self.warmup_events), self.cooldown_seconds, self.norm_window,
-            out.score, out.probability, out.alert, out.warm, out.model_input, out.details,
+            out.score, out.probability, out.alert, out.warm, model_input, out.details,
         )  # fmt: skip
-        return out
+        return model_input
 
 
 @numba.njit(cache=True, inline="always")
@@ -482,11 +491,11 @@ def _record_log_p(row, at, f, beyond, count):
 
 @numba.njit(cache=True, parallel=True)
 def _score_wave(
-    slots, x, attrs, ts, forecast, logvar, stats, clocks, alphas, new_rates,
+    rows, slots, x, attrs, ts, forecast, logvar, stats, clocks, alphas, new_rates,
     threshold, long_alpha, novelty_block, novelty_memory, warmup, cooldown, norm_window,
     score, probability, alert, warm, model_input, details,
 ):  # fmt: skip
-    b, f = x.shape
+    b, f = len(rows), x.shape[1]
     n_attrs = attrs.shape[1]
     w = alphas.shape[0]
     edges = TAIL_EDGES
@@ -509,6 +518,7 @@ def _score_wave(
         if i + AHEAD < b:
             prefetch_row(stats, slots[i + AHEAD])
             prefetch_row(clocks, slots[i + AHEAD])
+        e = rows[i]  # the event's row in the batch
         row = stats[slots[i]]
         count = row[0]
 
@@ -516,15 +526,15 @@ def _score_wave(
         error = 0.0
         for j in range(f):
             mean, var = row[mean_at + j], row[var_at + j]
-            z = normalise(x[i, j], mean, var, count)
+            z = normalise(x[e, j], mean, var, count)
             model_input[i, j] = min(max(z, -Z_CLIP), Z_CLIP)
             r = (z - forecast[i, j]) * math.exp(-0.5 * logvar[i, j])
-            details[i, 1 + j] = forecast[i, j] * scale(mean, var) + mean
-            details[i, 1 + f + j] = r * r
+            details[e, 1 + j] = forecast[i, j] * scale(mean, var) + mean
+            details[e, 1 + f + j] = r * r
             error += r * r
         error /= f
         s = surprise(error)
-        details[i, 0] = error
+        details[e, 0] = error
 
         # Windows: z of each horizon's average surprise; beyond TAIL_Z the stream's own tail.
         normal = row[s_at]
@@ -554,7 +564,7 @@ def _score_wave(
         # a stuck sensor is one finding (one alert), not one that worsens with every repeat.
         log_stuck = 0.0
         for j in range(f):
-            run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
+            run = row[run_at + j] + 1.0 if x[e, j] == row[last_at + j] else 0.0
             excess = max(run - row[longest_at + j], 0.0)
             if excess > 0.0 and row[repeat_at + j] < STUCK_RATE_MAX:  # where repeats are rare
                 log_stuck = min(log_stuck, excess * math.log(max(row[repeat_at + j], REPEAT_FLOOR)))
@@ -568,10 +578,10 @@ def _score_wave(
         log_level = 0.0
         for a in range(n_attrs):
             at = sketch_at + sketch_width * a
-            k = _slot_of(row, at, float(attrs[i, a]))
+            k = _slot_of(row, at, float(attrs[e, a]))
             if k >= 0 and row[at + SKETCH_SLOTS + k] >= LEVEL_MIN:
                 for j in range(f):
-                    zj = abs(_level_z(row, at, k, f, j, x[i, j], row[mean_at + j], row[var_at + j]))
+                    zj = abs(_level_z(row, at, k, f, j, x[e, j], row[mean_at + j], row[var_at + j]))
                     level_z[i, j] = max(level_z[i, j], zj)
                     log_level = min(log_level, math.log(max(2.0 * _ndtr(-zj), 1e-300)))
         log_level = max(min(log_level + log_level_tests, 0.0), -LOG_P_MIN)
@@ -585,7 +595,7 @@ def _score_wave(
         # Records: a value beyond every one the stream has shown.
         log_record = 0.0
         for j in range(f):
-            beyond[i, j] = _beyond_record(x[i, j], row[high_at + j], row[low_at + j])
+            beyond[i, j] = _beyond_record(x[e, j], row[high_at + j], row[low_at + j])
             if beyond[i, j] > 0.0 and count >= RECORD_MIN_EVENTS:
                 log_record = min(
                     log_record, _record_log_p(row, records_at + j, f, beyond[i, j], count)
@@ -602,8 +612,8 @@ def _score_wave(
             log_attr = 0.0
             for a in range(n_attrs):
                 at = sketch_at + sketch_width * a
-                tail = _value_tail(row, at, float(attrs[i, a]), count, new_rates[a])
-                details[i, 1 + 2 * f + a] = abs(tail)  # its evidence (tail <= 0), for the blame
+                tail = _value_tail(row, at, float(attrs[e, a]), count, new_rates[a])
+                details[e, 1 + 2 * f + a] = abs(tail)  # its evidence (tail <= 0), for the blame
                 log_attr = min(log_attr, tail)
             log_attr = min(log_attr + math.log(n_attrs), 0.0)
             log_numeric = math.log(max(_ndtr(-zed), 1e-300))
@@ -622,14 +632,14 @@ def _score_wave(
             last_peak = peak if novelty_memory else TAIL_Z
             peak = TAIL_Z
         news = np.float32(zed) > max(peak, last_peak)
-        probability[i] = prob
+        probability[e] = prob
         # Old news scores at most Phi(TAIL_Z): what an ordinary event can score.
-        score[i] = prob if (news or is_warm or zed < TAIL_Z) else PHI_TAIL_Z
-        warm[i] = is_warm
-        alert[i] = score[i] >= threshold and ts[i] >= clocks[slots[i], 1]
-        if alert[i]:
-            clocks[slots[i], 1] = ts[i] + cooldown
-        clocks[slots[i], 0] = ts[i]
+        score[e] = prob if (news or is_warm or zed < TAIL_Z) else PHI_TAIL_Z
+        warm[e] = is_warm
+        alert[e] = score[e] >= threshold and ts[e] >= clocks[slots[i], 1]
+        if alert[e]:
+            clocks[slots[i], 1] = ts[e] + cooldown
+        clocks[slots[i], 0] = ts[e]
 
         # Blame: the record-breaking features when a record decided, the stuck ones when a run
         # did, else each feature's squared residual; where the categories decided, they share
@@ -637,38 +647,38 @@ def _score_wave(
         total = 0.0
         for j in range(f):
             if by_record:
-                details[i, 1 + f + j] = max(beyond[i, j], 0.0)
+                details[e, 1 + f + j] = max(beyond[i, j], 0.0)
             elif by_level:
-                details[i, 1 + f + j] = level_z[i, j] * level_z[i, j]
+                details[e, 1 + f + j] = level_z[i, j] * level_z[i, j]
             elif log_stuck < log_tail:
-                run = row[run_at + j] + 1.0 if x[i, j] == row[last_at + j] else 0.0
-                details[i, 1 + f + j] = max(run - row[longest_at + j], 0.0)
-            total += details[i, 1 + f + j]
+                run = row[run_at + j] + 1.0 if x[e, j] == row[last_at + j] else 0.0
+                details[e, 1 + f + j] = max(run - row[longest_at + j], 0.0)
+            total += details[e, 1 + f + j]
         numeric_share = -log_numeric / -joint if by_attrs else 1.0
         for j in range(f):
-            details[i, 1 + f + j] *= numeric_share / max(total, 1e-12)
+            details[e, 1 + f + j] *= numeric_share / max(total, 1e-12)
         attr_total = 0.0
         for a in range(n_attrs):
-            attr_total += details[i, 1 + 2 * f + a]
+            attr_total += details[e, 1 + 2 * f + a]
         for a in range(n_attrs):
             share = (1.0 - numeric_share) / max(attr_total, 1e-12) if by_attrs else 0.0
-            details[i, 1 + 2 * f + a] *= share
+            details[e, 1 + 2 * f + a] *= share
         # An anomalous event counts half: its value is remembered, but a new value seen only
         # there is not one of Good-Turing's singletons, which would make the next new value
         # look ordinary (a second unusual category right after the first).
         sighting = 1.0 if prob < threshold else ANOMALOUS_SIGHTING
         for a in range(n_attrs):
             at = sketch_at + sketch_width * a
-            k, fresh = _count_value(row, at, float(attrs[i, a]), sighting)
+            k, fresh = _count_value(row, at, float(attrs[e, a]), sighting)
             if fresh or prob < threshold:  # anomalous values stay out of the levels
-                _learn_level(row, at, k, fresh, f, x[i], norm_window)
+                _learn_level(row, at, k, fresh, f, x[e], norm_window)
 
         # Records follow every value; an extreme beyond the normal band fades over
         # RECORD_MEMORY events, so that a stream that has moved on is judged by its new range.
         for j in range(f):
             high, low = row[high_at + j], row[low_at + j]
             if math.isnan(high):
-                row[high_at + j], row[low_at + j] = x[i, j], x[i, j]
+                row[high_at + j], row[low_at + j] = x[e, j], x[e, j]
                 continue
             if beyond[i, j] > 0.0 and count >= 2:
                 mean_excess = _record_excess(row, records_at + j, f)
@@ -676,8 +686,8 @@ def _score_wave(
                 row[excess_sum_at + j] += min(beyond[i, j], 10.0 * mean_excess)
             band = RECORD_BAND * scale(row[mean_at + j], row[var_at + j])
             top, bottom = row[mean_at + j] + band, row[mean_at + j] - band
-            row[high_at + j] = max(x[i, j], high - max(high - top, 0.0) * RECORD_FORGET)
-            row[low_at + j] = min(x[i, j], low + max(bottom - low, 0.0) * RECORD_FORGET)
+            row[high_at + j] = max(x[e, j], high - max(high - top, 0.0) * RECORD_FORGET)
+            row[low_at + j] = min(x[e, j], low + max(bottom - low, 0.0) * RECORD_FORGET)
 
         # Learn. The first two forecasts come from a state that has seen (almost) nothing.
         if count >= 2:
@@ -712,7 +722,7 @@ def _score_wave(
                         row[excess_at + k] + step * (over - row[excess_at + k]), TAIL_EXCESS_MIN
                     )
             for j in range(f):
-                repeated = x[i, j] == row[last_at + j]
+                repeated = x[e, j] == row[last_at + j]
                 run = row[run_at + j] + 1.0 if repeated else 0.0
                 row[repeat_at + j] += alpha * ((1.0 if repeated else 0.0) - row[repeat_at + j])
                 # The longest recent run learns from runs that have ended, so that a run in
@@ -724,12 +734,12 @@ def _score_wave(
             for j in range(f):
                 row[run_at + j] = 0.0
         for j in range(f):
-            row[last_at + j] = x[i, j]
+            row[last_at + j] = x[e, j]
 
         # Anomalous values stay out of the normal range (river's protect_anomaly_detector).
         if prob < threshold:
             for j in range(f):
                 row[mean_at + j], row[var_at + j] = update(
-                    x[i, j], row[mean_at + j], row[var_at + j], count, norm_window
+                    x[e, j], row[mean_at + j], row[var_at + j], count, norm_window
                 )
         row[0] = count + 1.0

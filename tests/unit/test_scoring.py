@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from detector.scoring import TAIL_EDGES, Scorer, _own_tail_z, _z_of_log_tail, _z_of_t
+from detector.scoring import TAIL_EDGES, Scorer, Scores, _own_tail_z, _z_of_log_tail, _z_of_t
 
 
 def feed(values, scorer: Scorer, logvar: float = 5.0) -> np.ndarray:
@@ -15,10 +15,13 @@ def feed(values, scorer: Scorer, logvar: float = 5.0) -> np.ndarray:
     0 with log-variance `logvar` in the stream's normalised units."""
     stats = scorer.initial_row(1)[None, :].copy()
     clocks = np.zeros((1, 2))
+    first = np.zeros(1, np.int64)  # the event's row in its one-event batch, and its slot
     rows = []
     for t, value in enumerate(values):
-        result = scorer.score_wave(
-            np.zeros(1, np.int64),
+        out = Scores.empty(1, n_features=1)
+        scorer.score_wave(
+            first,
+            first,
             np.array([[value]], np.float32),
             np.zeros((1, 0), np.int64),
             np.array([float(t)]),
@@ -26,8 +29,9 @@ def feed(values, scorer: Scorer, logvar: float = 5.0) -> np.ndarray:
             np.full((1, 1), logvar, np.float32),
             stats,
             clocks,
+            out,
         )
-        rows.append((result.probability[0], result.score[0], result.alert[0]))
+        rows.append((out.probability[0], out.score[0], out.alert[0]))
     return np.array(rows)
 
 
