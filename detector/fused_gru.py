@@ -10,8 +10,9 @@ h' = n + z * (h - n) (PyTorch's GRU equations), and writes h' where it belongs: 
 the engine's state slab (`gru_step_into`), so that no scatter follows. The exponential is a
 float32 polynomial (relative error under 3e-7) that LLVM vectorises, where a call to libm's
 `exp` or `tanh` per element would not. Measured on 4,096 x 64 (2 threads): 2.3-2.8 ms for
-`torch.gru_cell`, 1.5 ms for this step with both products in torch; the input's product and the
-scatter folded in took the engine from ~400,000 to ~440,000 events/s (docs/benchmarks.md).
+`torch.gru_cell`, 1.5 ms for this step with both products in torch. Folding in the input's
+product and the scatter (with the head's own pass, `fused_head`) took the engine from 386,000 to
+443,000 events/s (medians of three alternations; docs/benchmarks.md).
 
 For streaming only: no gradient flows through it (training runs `torch.nn.GRU` on whole
 sequences).

@@ -7,8 +7,8 @@ torch would then split, clamp and copy into contiguous halves (four more passes)
 numba pass does each row's 2F dot products while the row is in cache; the dot products are
 vectorised (the flags below let LLVM reorder a sum), and each row's arithmetic is the same
 whatever the batch, so a stream's forecast does not depend on what it was batched with.
-Measured on 4,096 x 64 -> 8 (2 threads): torch's linear, chunk, clamp and copies 0.6-0.8 ms,
-this 0.15 ms.
+Measured alone on 4,096 x 64 -> 8 (2 threads, 200 calls, three repetitions): torch's linear,
+chunk, clamp and two contiguous copies 0.27-0.37 ms, this pass 0.15-0.17 ms.
 
 >>> import torch
 >>> linear = torch.nn.Linear(6, 4)
