@@ -1,15 +1,15 @@
 """The daemon loop: poll -> decode -> engine step -> alerts and dead letters -> flush -> commit.
 
 One `Worker` is one consumer-group member. Each micro-batch (at most `engine.batch_size` records:
-whatever the client has fetched, without waiting for more) is decoded record by record
-(`Schema.decode`; a failure becomes a dead letter with the reason, the source position and the
-original bytes), stepped through the engine in one call, and its alerts and dead letters are
-produced keyed by stream id. Offsets are committed only once every message of the batch is
-acknowledged (quix-streams' `Checkpoint.commit` order: sinks, producer, offsets); the wait for
+whatever the client has fetched, without waiting for more) is decoded into the engine's columns
+(`Schema.decode_many`; a record that fails becomes a dead letter with the reason, the source
+position and the original bytes), stepped through the engine in one call, and its alerts and dead
+letters are produced keyed by stream id. Offsets are committed only once every message of the batch
+is acknowledged (quix-streams' `Checkpoint.commit` order: sinks, producer, offsets); the wait for
 those acknowledgements overlaps the next poll, so it costs no time in the loop; a batch whose
 outputs cannot be delivered is retried with backoff and never committed before. An unexpected
-exception stops the worker without committing, so Kafka delivers the batch again: at-least-once,
-and `alert_id` makes duplicates recognisable.
+exception stops the worker without committing, so Kafka delivers the batch again: at-least-once, and
+`alert_id` makes duplicates recognisable.
 
 Lifecycle, after quix-streams' `Application.run`: resources live on an `ExitStack`; SIGTERM and
 SIGINT set a stop flag that the loop checks between polls, so the batch in hand is finished,
@@ -43,8 +43,8 @@ from detector.allocator import quiet_collector
 from detector.artifact import Artifact
 from detector.config import Config
 from detector.engine import REJECTED, SCORED, WARMUP, Engine
-from detector.errors import InvalidRecord, SnapshotError
-from detector.events import DeadLetter, EventBatch, Position, Schema
+from detector.errors import SnapshotError
+from detector.events import DeadLetter, Position, Schema
 from detector.health import Health
 from detector.health import start as start_http
 from detector.kafka_io import DeliveryError, KafkaSink, KafkaSource, alert_record, client_options
@@ -556,27 +556,11 @@ class Worker:
         self.metrics.batch_duration.observe(time.perf_counter() - started)
 
     def _process_inner(self, polled: dict[TopicPartition, list]) -> None:
-        decode = self.schema.decode
-        events: list = []
-        kept: list = []  # the ConsumerRecord of each event
-        dead: list[DeadLetter] = []
+        received: list = []  # the ConsumerRecords of the batch, in order
         next_offsets: dict[TopicPartition, int] = {}
         offsets = self.summary.offsets
-        records = 0
         for tp, polled_records in polled.items():
-            append_event, append_kept = events.append, kept.append
-            for rec in polled_records:
-                value = rec.value
-                try:
-                    append_event(decode(value if value is not None else b""))
-                    append_kept(rec)
-                except InvalidRecord as exc:
-                    dead.append(
-                        DeadLetter.from_invalid(
-                            exc, Position(rec.topic, rec.partition, rec.offset), value or b""
-                        )
-                    )
-            records += len(polled_records)
+            received.extend(polled_records)
             next_offsets[tp] = polled_records[-1].offset + 1
             key = f"{tp.topic}[{tp.partition}]"
             span = offsets.get(key)
@@ -584,8 +568,15 @@ class Worker:
                 offsets[key] = [polled_records[0].offset, polled_records[-1].offset + 1]
             else:
                 span[1] = polled_records[-1].offset + 1
-
-        batch = EventBatch.from_events(events, self.engine.n_features, self.attr_buckets)
+        records = len(received)
+        decoded = self.schema.decode_many([rec.value for rec in received], self.attr_buckets)
+        dead: list[DeadLetter] = []
+        for at, exc in decoded.invalid:
+            rec = received[at]
+            position = Position(rec.topic, rec.partition, rec.offset)
+            dead.append(DeadLetter.from_invalid(exc, position, rec.value or b""))
+        kept = [received[at] for at in decoded.kept]  # the ConsumerRecord of each event
+        batch = decoded.batch
         result = self.engine.step_many(batch)
         now = time.time()
         outcome = result.outcome
@@ -622,13 +613,13 @@ class Worker:
                 threshold=self.threshold,
                 error=float(result.error[row]),
                 features=self.features,
-                observed=events[row].values,
+                observed=decoded.values[row].tolist(),
                 expected=result.expected[row].tolist(),
                 contributions=result.contributions[row].tolist(),
                 model_version=version,
                 detected_at=now,
                 attrs=self.attrs,
-                observed_attrs=events[row].attrs,
+                observed_attrs=decoded.attrs[row],
             )
             self._alerts.add(stream.encode("utf-8", "surrogatepass"), value)
             alerts.append(value)
