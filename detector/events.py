@@ -222,9 +222,7 @@ class Schema:
         # JSON numbers are finite: orjson refuses 1e400 and NaN, and parse_timestamp checks.
         values64 = np.array(rows, dtype=np.float64).reshape(n, f)
         ts64 = np.array(stamps, dtype=np.float64)
-        buckets = np.array(
-            [[hash_attr(a, attr_buckets) for a in named] for named in labels], dtype=np.int64
-        ).reshape(n, len(attr_names))
+        buckets = hash_attrs(labels, len(attr_names), attr_buckets)
         batch = EventBatch(streams, ts64, values64.astype(np.float32), buckets)
         return Decoded(batch, kept, values64, labels, invalid)
 
@@ -272,6 +270,13 @@ def hash_attr(value: str, buckets: int) -> int:
     return 1 + zlib.crc32(value.encode("utf-8")) % (buckets - 1)
 
 
+def hash_attrs(labels: Sequence[Sequence[str]], n_attrs: int, buckets: int) -> np.ndarray:
+    """(N, n_attrs) int64 buckets of N events' attr values (`hash_attr` of each)."""
+    return np.array(
+        [[hash_attr(a, buckets) for a in row] for row in labels], dtype=np.int64
+    ).reshape(len(labels), n_attrs)
+
+
 @dataclass
 class EventBatch:
     """A micro-batch in columns: what the engine steps. Rows keep their arrival order."""
@@ -289,14 +294,11 @@ class EventBatch:
         n = len(events)
         values = np.array([e.values for e in events], dtype=np.float32).reshape(n, n_features)
         n_attrs = len(events[0].attrs) if events else 0
-        attrs = np.array(
-            [[hash_attr(a, attr_buckets) for a in e.attrs] for e in events], dtype=np.int64
-        ).reshape(n, n_attrs)
         return cls(
             streams=[e.stream for e in events],
             ts=np.fromiter((e.ts for e in events), dtype=np.float64, count=n),
             values=values,
-            attrs=attrs,
+            attrs=hash_attrs([e.attrs for e in events], n_attrs, attr_buckets),
         )
 
     def take(self, rows: Iterable[int] | np.ndarray) -> EventBatch:
