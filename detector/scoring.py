@@ -45,7 +45,11 @@
    something new: the Good-Turing estimate (values seen once, over events seen) shrunk toward
    the rate of new values that training measured on warmed-up streams (`PRIOR_WEIGHT` events
    of trust), so an account that has used three categories for a hundred purchases makes a
-   fourth improbable, while a merchant-id attr that is new half the time never is. An
+   fourth improbable, while a merchant-id attr that is new half the time never is. Which new
+   value it is matters too: training counts the streams that showed each value, and a new
+   value's chance is that of something new *and* at most as common among them (among the
+   values the stream has not shown), so a card's first jeweller is rarer news than its first
+   supermarket. An
    anomalous event counts half, so an unusual value is remembered without becoming a
    singleton that makes the next new value look ordinary. The
    rarest attr (Bonferroni over the attrs) is one more piece of evidence beside the numeric
@@ -152,6 +156,10 @@ class Calibration:
     quantiles: tuple[float, ...] = ()  # 0.5, 0.9, 0.99, 0.999, 0.9999 of the surprise
     # Per categorical attr: how often a warmed-up stream showed a value new to it.
     new_value_rates: tuple[float, ...] = ()
+    # Per categorical attr, (hash bucket, streams that showed it) for every value training saw,
+    # and the number of buckets the values were hashed into.
+    value_streams: tuple[tuple[tuple[int, int], ...], ...] = ()
+    attr_buckets: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +171,10 @@ class Calibration:
             float(data["var"]),
             tuple(data.get("quantiles", ())),
             tuple(float(r) for r in data.get("new_value_rates", ())),
+            tuple(
+                tuple((int(b), int(n)) for b, n in pairs) for pairs in data.get("value_streams", ())
+            ),
+            int(data.get("attr_buckets", 0)),
         )
 
     def new_value_rate(self, attr: int) -> float:
@@ -170,6 +182,32 @@ class Calibration:
         artifact has none."""
         rates = self.new_value_rates
         return rates[attr] if attr < len(rates) else NEW_VALUE_RATE
+
+    def value_commonness(self, attr: int) -> np.ndarray:
+        """(2, attr_buckets + 1): per hash bucket, the share of the streams' values that were
+        this one in training (row 0), and the share of values at most as common (row 1); the
+        last column serves any value beyond the buckets.
+
+        A value no training stream showed gets a share of the unseen mass, estimated as
+        Good-Turing does (the values one stream showed, plus one). Without training counts
+        every value is as common as any (a tail of 1): new values are judged by rate alone."""
+        table = np.zeros((2, self.attr_buckets + 1))
+        table[1] = 1.0
+        pairs = self.value_streams[attr] if attr < len(self.value_streams) else ()
+        if not pairs:
+            return table
+        buckets, streams = (np.array(column) for column in zip(*pairs, strict=True))
+        unseen = 1.0 + np.count_nonzero(streams == 1)
+        total = streams.sum() + unseen
+        table[0] = unseen / total / max(self.attr_buckets + 1 - len(buckets), 1)
+        table[1] = unseen / total
+        order = np.argsort(streams, kind="stable")
+        tails = unseen / total + np.cumsum(streams[order]) / total
+        # values shown by as many streams share the tail of the last of them
+        last_of_count = np.searchsorted(streams[order], streams[order], side="right") - 1
+        table[0, buckets[order]] = streams[order] / total
+        table[1, buckets[order]] = tails[last_of_count]
+        return table
 
 
 @dataclass
@@ -241,14 +279,19 @@ class Scorer:
         self.cooldown_seconds = float(cooldown_seconds)
         self.norm_window = float(norm_window)
         self._alphas = np.array([1.0 / w for w in self.windows])
-        self._rates: dict[int, np.ndarray] = {}
+        self._attr_priors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _new_value_rates(self, n_attrs: int) -> np.ndarray:
-        rates = self._rates.get(n_attrs)
-        if rates is None:
-            rates = np.array([self.calibration.new_value_rate(a) for a in range(n_attrs)])
-            self._rates[n_attrs] = rates
-        return rates
+    def attr_priors(self, n_attrs: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per attr, the trained rate of new values (A,) and the commonness of each value among
+        training's streams (A, 2, buckets + 1; see Calibration.value_commonness)."""
+        priors = self._attr_priors.get(n_attrs)
+        if priors is None:
+            c = self.calibration
+            rates = np.array([c.new_value_rate(a) for a in range(n_attrs)])
+            tables = [c.value_commonness(a) for a in range(n_attrs)]
+            commonness = np.stack(tables) if tables else np.ones((0, 2, 1))
+            priors = self._attr_priors[n_attrs] = (rates, commonness)
+        return priors
 
     def width(self, n_features: int, n_attrs: int = 0) -> int:
         return (
@@ -308,7 +351,7 @@ class Scorer:
         model_input = np.empty((len(rows), x.shape[1]), dtype=np.float32)
         _score_wave(
             rows, slots, x, attrs, ts, forecast, logvar, stats, clocks, self._alphas,
-            self._new_value_rates(n_attrs),
+            *self.attr_priors(n_attrs),
             self.threshold, 1.0 / self.long_window, self.novelty_block, self.novelty_memory,
             float(self.warmup_events), self.cooldown_seconds, self.norm_window,
             out.score, out.probability, out.alert, out.warm, model_input, out.details,
@@ -362,10 +405,33 @@ def _z_of_log_p(log_p: float) -> float:
 
 
 @numba.njit(cache=True, inline="always")
-def _value_tail(row, at, value, seen, new_rate):
+def _column(value, commonness):
+    last = commonness.shape[1] - 1
+    return int(value) if 0.0 <= value < last else last
+
+
+@numba.njit(cache=True, inline="always")
+def _rarity(row, at, value, commonness):
+    """Among the values a stream has not shown (not in its sketch at row[at:]), the share of
+    training's streams' values that are at most as common as `value`: a new value's own tail.
+    A card's first purchase at a jeweller is rarer news than its first at a supermarket."""
+    share = commonness[0, _column(value, commonness)]
+    tail = commonness[1, _column(value, commonness)]
+    shown, shown_below = 0.0, 0.0
+    for k in range(SKETCH_SLOTS):
+        if row[at + SKETCH_SLOTS + k] > 0.0:
+            other = commonness[0, _column(row[at + k], commonness)]
+            shown += other
+            shown_below += other if other <= share else 0.0
+    return min(max(tail - shown_below, share) / max(1.0 - shown, share), 1.0)
+
+
+@numba.njit(cache=True, inline="always")
+def _value_tail(row, at, value, seen, new_rate, commonness):
     """log P(a value at most as frequent as `value`) under the sketch at row[at:] of a stream
-    that has seen `seen` values: the chance of something new, plus the mass of the values seen
-    no more often than this one."""
+    that has seen `seen` values: the chance of something new (and, for a new value, at most as
+    common among training's streams), plus the mass of the values seen no more often than this
+    one."""
     own, total, singles = 0.0, 0.0, 0.0
     for k in range(SKETCH_SLOTS):
         count = row[at + SKETCH_SLOTS + k]
@@ -375,7 +441,7 @@ def _value_tail(row, at, value, seen, new_rate):
             own = count
     p_new = min((singles + PRIOR_WEIGHT * new_rate) / (seen + PRIOR_WEIGHT), 1.0)
     if own == 0.0:
-        return math.log(p_new)
+        return math.log(max(p_new * _rarity(row, at, value, commonness), 1e-300))
     rarer = 0.0
     for k in range(SKETCH_SLOTS):
         count = row[at + SKETCH_SLOTS + k]
@@ -491,7 +557,7 @@ def _record_log_p(row, at, f, beyond, count):
 
 @numba.njit(cache=True, parallel=True)
 def _score_wave(
-    rows, slots, x, attrs, ts, forecast, logvar, stats, clocks, alphas, new_rates,
+    rows, slots, x, attrs, ts, forecast, logvar, stats, clocks, alphas, new_rates, commonness,
     threshold, long_alpha, novelty_block, novelty_memory, warmup, cooldown, norm_window,
     score, probability, alert, warm, model_input, details,
 ):  # fmt: skip
@@ -612,7 +678,7 @@ def _score_wave(
             log_attr = 0.0
             for a in range(n_attrs):
                 at = sketch_at + sketch_width * a
-                tail = _value_tail(row, at, float(attrs[e, a]), count, new_rates[a])
+                tail = _value_tail(row, at, float(attrs[e, a]), count, new_rates[a], commonness[a])
                 details[e, 1 + 2 * f + a] = abs(tail)  # its evidence (tail <= 0), for the blame
                 log_attr = min(log_attr, tail)
             log_attr = min(log_attr + math.log(n_attrs), 0.0)

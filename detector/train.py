@@ -237,6 +237,8 @@ def fit(
     calibration = replace(
         _calibrate(model, z, attrs if history.attrs else None, val_mask),
         new_value_rates=new_value_rates(history, config.scoring.warmup_events),
+        value_streams=value_streams(history),
+        attr_buckets=model_config.attr_buckets,
     )
     metrics = {
         "train_nll": train_loss,
@@ -277,6 +279,18 @@ def new_value_rates(history: History, warmup: int) -> tuple[float, ...]:
             events += max(len(column) - warmup, 0)
         rates.append((new + 0.5) / (events + 1.0))
     return tuple(rates)
+
+
+def value_streams(history: History) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per attr, (hash bucket, how many streams showed it) for every value in the history."""
+    per_attr = []
+    for a in range(len(history.attrs)):
+        streams: defaultdict[int, int] = defaultdict(int)
+        for stream in history.streams:
+            for bucket in np.unique(stream.attrs[:, a]).tolist():
+                streams[bucket] += 1
+        per_attr.append(tuple(sorted(streams.items())))
+    return tuple(per_attr)
 
 
 def _calibrate(model, z, attrs, val_mask) -> Calibration:

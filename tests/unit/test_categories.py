@@ -13,14 +13,24 @@ from detector.events import EventBatch
 from detector.kafka_io import alert_record
 from detector.model import Forecaster, ForecasterConfig
 from detector.scoring import Calibration, Scorer
-from detector.train import History, StreamHistory, forecaster_config, new_value_rates
+from detector.train import (
+    History,
+    StreamHistory,
+    forecaster_config,
+    new_value_rates,
+    value_streams,
+)
 
 
-def engine(new_value_rate: float) -> Engine:
+def engine(new_value_rate: float, streams_per_value: dict[int, int] | None = None) -> Engine:
     torch.manual_seed(0)
     model = Forecaster(ForecasterConfig(n_features=1, hidden_size=8, n_attrs=1, attr_buckets=64))
-    scorer = Scorer(0.9999, calibration=Calibration(new_value_rates=(new_value_rate,)))
-    return Engine(model.eval(), scorer=scorer)
+    calibration = Calibration(
+        new_value_rates=(new_value_rate,),
+        value_streams=(tuple(sorted((streams_per_value or {}).items())),),
+        attr_buckets=64,
+    )
+    return Engine(model.eval(), scorer=Scorer(0.9999, calibration=calibration))
 
 
 def history(categories: np.ndarray, seed: int = 0) -> EventBatch:
@@ -81,6 +91,46 @@ def test_training_measures_how_often_warmed_up_streams_show_new_values():
     streams = [StreamHistory("a", np.zeros((10, 1), np.float32), attrs)]
     (rate,) = new_value_rates(History(streams, ["x"], ["kind"], 10, 0), warmup=4)
     assert rate == pytest.approx((2 + 0.5) / (6 + 1))
+
+
+def test_a_first_value_rare_among_the_trained_streams_is_stronger_news_than_a_common_one():
+    # 3, 5 and 8 are this stream's habits; of the values it never showed, training's streams
+    # showed 40 often and 41 once.
+    adopted = {3: 30, 5: 20, 8: 10, 40: 50, 41: 1, 42: 1}
+    q = {}
+    for value in (40, 41):
+        eng = engine(new_value_rate=1e-3, streams_per_value=adopted)
+        eng.step_many(history(habitual()))
+        q[value] = -np.log10(1.0 - verdict(eng, category=value).probability[0])
+    assert q[41] > q[40] + 1.0
+    # Without training's counts, both are simply new.
+    plain = []
+    for value in (40, 41):
+        eng = engine(new_value_rate=1e-3)
+        eng.step_many(history(habitual()))
+        plain.append(verdict(eng, category=value).probability[0])
+    assert plain[0] == pytest.approx(plain[1], abs=1e-12)
+
+
+def test_commonness_is_the_share_of_values_at_most_as_common():
+    # Two values shown by one stream each (Good-Turing: the unseen mass is 1 + 2 = 3), one by
+    # three: a total of 3 + 1 + 1 + 3 = 8.
+    calibration = Calibration(value_streams=(((0, 1), (2, 3), (5, 1)),), attr_buckets=8)
+    table = calibration.value_commonness(0)
+    assert table.shape == (2, 9)
+    np.testing.assert_allclose(table[0, [0, 2, 5]], [1 / 8, 3 / 8, 1 / 8])
+    np.testing.assert_allclose(table[1, [0, 2, 5]], [5 / 8, 1.0, 5 / 8])
+    unseen = [1, 3, 4, 6, 7, 8]  # 8: beyond the buckets
+    np.testing.assert_allclose(table[0, unseen], 3 / 8 / 6)
+    np.testing.assert_allclose(table[1, unseen], 3 / 8)
+
+
+def test_training_counts_the_streams_that_show_each_value():
+    def stream(name, kinds):
+        return StreamHistory(name, np.zeros((len(kinds), 1), np.float32), np.array(kinds)[:, None])
+
+    streams = [stream("a", [1, 1, 2]), stream("b", [2, 3]), stream("c", [2, 2, 2])]
+    assert value_streams(History(streams, ["x"], ["kind"], 8, 0)) == (((1, 1), (2, 3), (3, 1)),)
 
 
 def test_log_features_must_be_features():
