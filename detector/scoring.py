@@ -580,6 +580,8 @@ def _score_wave(
     log_level_tests = math.log(2.0 * f * n_attrs) if n_attrs else 0.0  # two-sided, per f and a
     beyond = np.empty((b, f))  # each value's distance beyond its record (<= 0: none)
     level_z = np.zeros((b, f))  # each value's |z| among its attr values' events (0: none)
+    news_alone = np.zeros((b, n_attrs), dtype=np.bool_)  # each attr value: improbable alone?
+    log_alert = math.log(1.0 - threshold)
     for i in numba.prange(b):  # the streams of a wave are distinct: rows never collide
         if i + AHEAD < b:
             prefetch_row(stats, slots[i + AHEAD])
@@ -680,6 +682,7 @@ def _score_wave(
                 at = sketch_at + sketch_width * a
                 tail = _value_tail(row, at, float(attrs[e, a]), count, new_rates[a], commonness[a])
                 details[e, 1 + 2 * f + a] = abs(tail)  # its evidence (tail <= 0), for the blame
+                news_alone[i, a] = tail < log_alert
                 log_attr = min(log_attr, tail)
             log_attr = min(log_attr + math.log(n_attrs), 0.0)
             log_numeric = math.log(max(_ndtr(-zed), 1e-300))
@@ -729,12 +732,14 @@ def _score_wave(
         for a in range(n_attrs):
             share = (1.0 - numeric_share) / max(attr_total, 1e-12) if by_attrs else 0.0
             details[e, 1 + 2 * f + a] *= share
-        # An anomalous event counts half: its value is remembered, but a new value seen only
-        # there is not one of Good-Turing's singletons, which would make the next new value
-        # look ordinary (a second unusual category right after the first).
-        sighting = 1.0 if prob < threshold else ANOMALOUS_SIGHTING
+        # An anomalous event, or a value improbable enough to alert on its own, counts half: the
+        # value is remembered, but a new value seen only there is not one of Good-Turing's
+        # singletons, which would make the next new value look ordinary (a second unusual
+        # category right after the first, or after a first that other evidence held below).
         for a in range(n_attrs):
             at = sketch_at + sketch_width * a
+            ordinary = prob < threshold and not news_alone[i, a]
+            sighting = 1.0 if ordinary else ANOMALOUS_SIGHTING
             k, fresh = _count_value(row, at, float(attrs[e, a]), sighting)
             if fresh or prob < threshold:  # anomalous values stay out of the levels
                 _learn_level(row, at, k, fresh, f, x[e], norm_window)

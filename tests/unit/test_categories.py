@@ -72,6 +72,29 @@ def test_a_second_unusual_category_is_as_unusual_as_the_first():
     assert second.probability[0] > 0.9999
 
 
+def test_a_value_news_on_its_own_is_no_singleton_even_where_it_did_not_alert():
+    # Two attrs: the category's evidence is halved for the Bonferroni step, so a first new
+    # category at ~7e-5 alone stays under the alert level. It must still not become the
+    # Good-Turing singleton that makes the next new category look ordinary.
+    torch.manual_seed(0)
+    config = ForecasterConfig(n_features=1, hidden_size=8, n_attrs=2, attr_buckets=64)
+    calibration = Calibration(new_value_rates=(1.1e-3, 1.1e-3))
+    eng = Engine(Forecaster(config).eval(), scorer=Scorer(0.9999, calibration=calibration))
+    past = history(habitual())
+    past.attrs = np.column_stack([past.attrs[:, 0], np.full(len(past), 9)])
+    eng.step_many(past)
+
+    def purchase(category: int, t: float, amount: float):  # amounts differ: no stuck run
+        one = EventBatch(["acct"], np.array([t]), np.array([[amount]], np.float32),
+                         np.array([[category, 9]]))  # fmt: skip
+        return eng.step_many(one)
+
+    first, second = purchase(40, 300.0, 101.0), purchase(41, 301.0, 99.0)
+    assert not first.is_alert[0] and first.probability[0] > 0.9995
+    tails = 1.0 - first.probability[0], 1.0 - second.probability[0]
+    assert tails[1] < 2.0 * tails[0]
+
+
 def test_a_habitual_category_is_unremarkable():
     eng = engine(new_value_rate=1e-5)
     eng.step_many(history(habitual()))
