@@ -311,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--partitions", type=int, default=4, help="with --embedded-broker: per topic")
     run.add_argument("--max-events", type=int, help="stop after this many input records")
-    run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.add_argument(
+        "--duration", type=float, help="stop after this many seconds (after the kernels compile)"
+    )
     run.add_argument("--idle-exit", type=float, help="stop after this many seconds without input")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--torch-threads", type=int, default=1, help="intra-op threads (default 1)")

@@ -214,9 +214,11 @@ class Worker:
         duration: float | None = None,
         idle_exit: float | None = None,
     ) -> WorkerSummary:
-        """Run until stopped (signal or `stop()`), or a bound: records, seconds, or idle seconds."""
+        """Run until stopped (signal or `stop()`), or a bound: records, seconds, or idle seconds.
+
+        `duration` counts from the end of the kernels' compilation, which happens once before
+        the worker joins its group (about a minute after a fresh install, cached after that)."""
         started = time.monotonic()
-        deadline = started + duration if duration else math.inf
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._signals())
             if self.serve_http:
@@ -228,6 +230,7 @@ class Worker:
             seconds = self.engine.warm_up()
             if seconds > 1.0:
                 log.info("compiled the engine's kernels in %.0f s (cached for next time)", seconds)
+            deadline = time.monotonic() + duration if duration else math.inf
             self._restore()
             if not self._connect(deadline):
                 self.summary.seconds = time.monotonic() - started
