@@ -50,8 +50,9 @@
    value's chance is that of something new *and* at most as common among them (among the
    values the stream has not shown), so a card's first jeweller is rarer news than its first
    supermarket. An
-   anomalous event counts half, so an unusual value is remembered without becoming a
-   singleton that makes the next new value look ordinary. The
+   anomalous event, or a value improbable enough to alert on its own, counts half, so an
+   unusual value is remembered without becoming a singleton that makes the next new value
+   look ordinary. The
    rarest attr (Bonferroni over the attrs) is one more piece of evidence beside the numeric
    ones, and so is its combination with them by Fisher's method: a new category with a
    middling amount is more than either alone. Each remembered value also keeps the mean and
@@ -415,8 +416,8 @@ def _rarity(row, at, value, commonness):
     """Among the values a stream has not shown (not in its sketch at row[at:]), the share of
     training's streams' values that are at most as common as `value`: a new value's own tail.
     A card's first purchase at a jeweller is rarer news than its first at a supermarket."""
-    share = commonness[0, _column(value, commonness)]
-    tail = commonness[1, _column(value, commonness)]
+    column = _column(value, commonness)
+    share, tail = commonness[0, column], commonness[1, column]
     shown, shown_below = 0.0, 0.0
     for k in range(SKETCH_SLOTS):
         if row[at + SKETCH_SLOTS + k] > 0.0:
