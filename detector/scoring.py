@@ -38,7 +38,17 @@
    has never been. Extremes beyond the stream's normal band fade over `RECORD_MEMORY` events.
    Records count from the start but are judged from `RECORD_MIN_EVENTS` values on: the range
    of a few dozen values is itself too uncertain for the excess beyond it to mean much.
-7. Categories: a forecaster of numbers cannot say that a card was used in a category its owner
+7. Transitions: each feature's range (record low to high) is cut into `TRANSITION_BANDS` equal
+   bands, and the stream remembers which moves between bands (from the band of its last value
+   to the band of this one) it has made: 64 bits a feature. A move it has never made is as
+   probable as the stream's recent rate of new moves (an average over `TRANSITION_MEMORY`
+   events, shrunk toward `TRANSITION_RATE_PRIOR` by `PRIOR_WEIGHT` events), so a series that
+   has long since shown all its moves and now falls from the top of its range to the bottom in
+   one step, without a record or a large forecast error, is news; one that wanders makes new
+   moves all the time and none is. Judged, like records, from `RECORD_MIN_EVENTS` values on
+   (Bonferroni over the features). This is the contextual novelty of detectors such as CAD OSE
+   in 64 bits: what the series does next given where it is, rather than how far it is off.
+8. Categories: a forecaster of numbers cannot say that a card was used in a category its owner
    never uses. Each categorical attr keeps a small sketch of the stream's most frequent values
    (`SKETCH_SLOTS` values and their counts). The tail probability of a value is the chance of a
    value at most as frequent. For a value the stream has not shown, that is the chance of
@@ -61,22 +71,22 @@
    spend at this merchant category is judged against the category (two-sided, Bonferroni over
    features and attrs), which a forecaster that has seen an account for a few dozen purchases
    cannot do. Anomalous events stay out of these levels.
-8. Probability = Phi(max z) over the windows (own tails), the stuck runs and the records: the
-   probability that normal behaviour would look less surprising.
+9. Probability = Phi(max z) over the windows (own tails), the stuck runs, the records and the
+   transitions: the probability that normal behaviour would look less surprising.
    High means anomalous. Statistics start from the model's validation statistics (a prior worth
    `PRIOR_WEIGHT` events), then follow the stream over `long_window` events, winsorised so no
    single event dominates. A lasting change (a level shift) therefore stops alerting once it
    has become the stream's normal; the engine keeps anomalous values out of the value
    normalisation (river's `protect_anomaly_detector`).
-9. Score = the probability, but only where this event is *news*: more surprising than anything
-   the stream showed within the last `novelty_window` events. The recent maximum is kept as two
-   block maxima (the current block of novelty_window / 2 events and the one before), so it spans
-   between half and all of the window in two floats, and then forgets completely. (A peak that
-   decays every event lets an ongoing episode at a constant level re-qualify as news once the
-   peak has decayed below it; measured on NAB, the block maxima scored 56.5 where the decaying
-   peak scored 49.8.) An episode gives one high score at its onset, and again only if it gets
-   worse; alerts (and NAB detections) follow the score, so an ongoing anomaly does not page
-   every event.
+10. Score = the probability, but only where this event is *news*: more surprising than anything
+    the stream showed within the last `novelty_window` events. The recent maximum is kept as two
+    block maxima (the current block of novelty_window / 2 events and the one before), so it spans
+    between half and all of the window in two floats, and then forgets completely. (A peak that
+    decays every event lets an ongoing episode at a constant level re-qualify as news once the
+    peak has decayed below it; measured on NAB, the block maxima scored 56.5 where the decaying
+    peak scored 49.8.) An episode gives one high score at its onset, and again only if it gets
+    worse; alerts (and NAB detections) follow the score, so an ongoing anomaly does not page
+    every event.
 
 The statistics live in the engine's float32 slab, one row per stream; `score_wave` steps a wave
 of events (distinct streams) in one compiled pass that reads and writes those rows in place:
@@ -145,6 +155,11 @@ RECORD_MEMORY = 2e4  # events over which an extreme beyond the normal band is fo
 RECORD_FORGET = 1.0 / RECORD_MEMORY
 RECORD_BAND = 3.0  # ... the band: value mean +- this many sd
 EULER = 0.5772156649015329
+TRANSITION_BANDS = 8  # a feature's range (record low to high) is cut into this many bands
+TRANSITION_BITS = 24  # bits of the seen-transitions set per float32 (exact integers to 2^24)
+TRANSITION_WORDS = -(-TRANSITION_BANDS * TRANSITION_BANDS // TRANSITION_BITS)
+TRANSITION_MEMORY = 300.0  # events over which the rate of new transitions is averaged
+TRANSITION_RATE_PRIOR = 0.025  # prior rate of new transitions (PRIOR_WEIGHT events of trust)
 AHEAD = 8  # the kernel prefetches the rows of the event this many ahead
 
 
@@ -248,6 +263,7 @@ class Scorer:
      window averages (W) | their variances (W) | tail rates (W) | tail excesses (W) |
      last value (F) | repeat run (F) | repeat rate (F) | longest recent run (F) |
      record high (F) | record low (F) | records seen (F) | their summed excess (F) |
+     transitions made, as bits (TRANSITION_WORDS * F) | rate of new transitions (F) |
      events counted at each TAIL_EDGES level (E) | events (1) |
      per categorical attr, a sketch: its values (SKETCH_SLOTS), their counts (SKETCH_SLOTS),
      the mean and variance of each feature among the events with each value (2 * SKETCH_SLOTS * F)]
@@ -296,7 +312,7 @@ class Scorer:
 
     def width(self, n_features: int, n_attrs: int = 0) -> int:
         return (
-            5 + 4 * len(self.windows) + 10 * n_features + len(TAIL_EDGES)
+            5 + 4 * len(self.windows) + (11 + TRANSITION_WORDS) * n_features + len(TAIL_EDGES)
             + _sketch_width(n_features) * n_attrs
         )  # fmt: skip
 
@@ -321,6 +337,8 @@ class Scorer:
                 np.zeros(f),  # longest recent run
                 np.full(2 * f, np.nan),  # record high and low: none yet
                 np.zeros(2 * f),  # no records
+                np.zeros(TRANSITION_WORDS * f),  # no transitions made
+                np.full(f, TRANSITION_RATE_PRIOR),
                 np.zeros(len(TAIL_EDGES) + 1),  # no events counted
                 *(empty_sketch * n_attrs),
             ]
@@ -556,6 +574,38 @@ def _record_log_p(row, at, f, beyond, count):
     return min(math.log(rate), 0.0) - beyond / _record_excess(row, at, f)
 
 
+@numba.njit(cache=True, inline="always")
+def _band(x, high, low):
+    """Which of TRANSITION_BANDS equal bands of [low, high] x falls in (the outer ones extend
+    beyond)."""
+    span = max(high - low, 1e-6 * max(abs(high), abs(low)) + 1e-12)
+    return min(max(int(math.floor((x - low) / span * TRANSITION_BANDS)), 0), TRANSITION_BANDS - 1)
+
+
+@numba.njit(cache=True, inline="always")
+def _transition(row, at, rate_at, last, x, high, low, count):
+    """log P(the move last -> x) when it is a transition between bands (`_band`, of the range
+    before x) that the stream has never made, else 0; then counts the move. Its probability is
+    the stream's rate of new transitions, averaged over TRANSITION_MEMORY events and shrunk
+    toward TRANSITION_RATE_PRIOR by PRIOR_WEIGHT events."""
+    if math.isnan(last) or math.isnan(high):
+        return 0.0
+    code = _band(last, high, low) * TRANSITION_BANDS + _band(x, high, low)
+    word = at + code // TRANSITION_BITS
+    bit = 1 << (code % TRANSITION_BITS)
+    bits = int(row[word])
+    new = (bits & bit) == 0
+    rate = row[rate_at]
+    log_p = 0.0
+    if new:
+        weight = count + PRIOR_WEIGHT
+        log_p = math.log((rate * count + PRIOR_WEIGHT * TRANSITION_RATE_PRIOR) / weight)
+        row[word] = np.float32(bits | bit)
+    alpha = max(1.0 / max(count, 1.0), 1.0 / TRANSITION_MEMORY)
+    row[rate_at] = rate + alpha * ((1.0 if new else 0.0) - rate)
+    return log_p
+
+
 @numba.njit(cache=True, parallel=True)
 def _score_wave(
     rows, slots, x, attrs, ts, forecast, logvar, stats, clocks, alphas, new_rates, commonness,
@@ -574,12 +624,15 @@ def _score_wave(
     run_at, repeat_at, longest_at = last_at + f, last_at + 2 * f, last_at + 3 * f
     high_at, low_at = last_at + 4 * f, last_at + 5 * f
     records_at, excess_sum_at = last_at + 6 * f, last_at + 7 * f
-    counts_at = last_at + 8 * f  # E levels, then the number of events counted
+    transitions_at = last_at + 8 * f  # TRANSITION_WORDS per feature
+    transition_rate_at = transitions_at + TRANSITION_WORDS * f
+    counts_at = transition_rate_at + f  # E levels, then the number of events counted
     sketch_at = counts_at + n_edges + 1  # one sketch per attr
     sketch_width = _sketch_width(f)
     log_features = math.log(f)
     log_level_tests = math.log(2.0 * f * n_attrs) if n_attrs else 0.0  # two-sided, per f and a
     beyond = np.empty((b, f))  # each value's distance beyond its record (<= 0: none)
+    transition_log_p = np.zeros((b, f))  # each value's new transition: its log p (0: none)
     level_z = np.zeros((b, f))  # each value's |z| among its attr values' events (0: none)
     news_alone = np.zeros((b, n_attrs), dtype=np.bool_)  # each attr value: improbable alone?
     log_alert = math.log(1.0 - threshold)
@@ -672,7 +725,21 @@ def _score_wave(
         log_record = max(min(log_record + log_features, 0.0), -LOG_P_MIN)  # Bonferroni
         z_record = _z_of_log_p(log_record) if log_record < 0.0 else -Z_MAX
         by_record = z_record > z_own
-        zed = min(max(max(z_own, z_record), -Z_MAX), Z_MAX)
+
+        # Transitions: a move between bands of the range that the stream has never made.
+        log_transition = 0.0
+        for j in range(f):
+            transition_log_p[i, j] = _transition(
+                row, transitions_at + TRANSITION_WORDS * j, transition_rate_at + j,
+                row[last_at + j], x[e, j], row[high_at + j], row[low_at + j], count,
+            )  # fmt: skip
+            if count >= RECORD_MIN_EVENTS:
+                log_transition = min(log_transition, transition_log_p[i, j])
+        log_transition = max(min(log_transition + log_features, 0.0), -LOG_P_MIN)
+        z_transition = _z_of_log_p(log_transition) if log_transition < 0.0 else -Z_MAX
+        by_transition = z_transition > max(z_own, z_record)
+        by_record = by_record and not by_transition
+        zed = min(max(max(z_own, z_record, z_transition), -Z_MAX), Z_MAX)
 
         # Categories: the rarest attr value (Bonferroni over the attrs), alone and joined with
         # the numeric evidence by Fisher's method.
@@ -711,13 +778,16 @@ def _score_wave(
             clocks[slots[i], 1] = ts[e] + cooldown
         clocks[slots[i], 0] = ts[e]
 
-        # Blame: the record-breaking features when a record decided, the stuck ones when a run
-        # did, else each feature's squared residual; where the categories decided, they share
-        # it with the numbers by their evidence.
+        # Blame: the record-breaking features when a record decided, the features that made a
+        # new transition when one did, the stuck ones when a run did, else each feature's
+        # squared residual; where the categories decided, they share it with the numbers by
+        # their evidence.
         total = 0.0
         for j in range(f):
             if by_record:
                 details[e, 1 + f + j] = max(beyond[i, j], 0.0)
+            elif by_transition:
+                details[e, 1 + f + j] = -transition_log_p[i, j]
             elif by_level:
                 details[e, 1 + f + j] = level_z[i, j] * level_z[i, j]
             elif log_stuck < log_tail:

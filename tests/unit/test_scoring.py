@@ -7,7 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from detector.scoring import TAIL_EDGES, Scorer, Scores, _own_tail_z, _z_of_log_tail, _z_of_t
+from detector.scoring import (
+    TAIL_EDGES,
+    TRANSITION_BANDS,
+    TRANSITION_RATE_PRIOR,
+    TRANSITION_WORDS,
+    Scorer,
+    Scores,
+    _own_tail_z,
+    _transition,
+    _z_of_log_tail,
+    _z_of_t,
+)
 
 
 def feed(values, scorer: Scorer, logvar: float = 5.0) -> np.ndarray:
@@ -58,6 +69,48 @@ def test_a_trending_stream_sets_records_all_the_time_and_learns_that_it_does():
     trend = np.arange(500) * 0.01 + rng.uniform(0.0, 1.0, 500)
     out = feed(np.append(trend, trend.max() + 0.1), Scorer(0.9999))
     assert out[-1, 0] < 0.9999 and not out[-1, 2]
+
+
+def _triangle(cycles: int, drops: int = 0) -> np.ndarray:
+    """A triangle wave 0 .. 10 .. 0 in steps of 1, which moves only between neighbouring bands
+    of its range; in its first `drops` cycles it falls from the top straight to the bottom."""
+    up, down = np.arange(0.0, 11.0), np.arange(9.0, 0.0, -1.0)
+    return np.concatenate([up if c < drops else np.append(up, down) for c in range(cycles)])
+
+
+def test_a_move_between_bands_the_stream_has_never_made_alerts():
+    # Both streams end falling from the top of their range to the bottom: no record, and the
+    # uninformative forecast sees nothing. The one that has never made that move alerts.
+    ending = np.append(np.arange(0.0, 11.0), 0.0)
+    never = feed(np.append(_triangle(300), ending), Scorer(0.9999))
+    before = feed(np.append(_triangle(300, drops=5), ending), Scorer(0.9999))
+    assert never[:-1, 0].max() < 0.99
+    assert never[-1, 0] > 0.9999 and never[-1, 2]
+    assert before[-1, 0] < 0.99 and not before[-1, 2]
+
+
+def test_a_new_move_is_no_news_while_the_stream_makes_new_moves_often():
+    young = feed(np.append(_triangle(4), 10.0), Scorer(0.9999))  # bottom to top at event 80
+    assert young[-1, 0] < 0.99
+
+
+def test_each_move_is_new_once_and_as_probable_as_the_recent_rate_of_new_moves():
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0.0, 10.0, 2000).astype(np.float32)
+    row = np.zeros(TRANSITION_WORDS + 1, np.float32)
+    row[-1] = TRANSITION_RATE_PRIOR
+    log_p = np.array([
+        _transition(row, 0, TRANSITION_WORDS, values[t - 1], values[t], 10.0, 0.0, float(t))
+        for t in range(1, len(values))
+    ])  # fmt: skip
+    new = np.flatnonzero(log_p < 0)
+    assert len(new) == TRANSITION_BANDS**2  # every move between the bands, each once
+    assert new.max() < 1000
+    # Random moves are new often at first: none of the first half is rarer than the prior's 1
+    # in 40 (z ~ 2), and most are far more common.
+    assert log_p[new[:32]].min() >= math.log(TRANSITION_RATE_PRIOR) - 1e-6
+    assert np.median(log_p[new[:32]]) > math.log(0.2)
+    assert row[-1] < 1e-3  # no new move for hundreds of events: new ones become improbable
 
 
 def test_a_stuck_run_does_not_teach_the_stream_that_its_far_tail_is_common():
