@@ -546,11 +546,16 @@ def _own_tail_z(z, row, at, edges):
 
 
 @numba.njit(cache=True, inline="always")
+def _span(high, low):
+    """The width of a stream's range, floored for a stream that has shown one value."""
+    return max(high - low, 1e-6 * max(abs(high), abs(low)) + 1e-12)
+
+
+@numba.njit(cache=True, inline="always")
 def _beyond_record(x, high, low):
     """How far x lies beyond the stream's record high or low, as a share of their range beyond
     RECORD_MARGIN (<= 0: not a record; NaN until a value was seen)."""
-    span = max(high - low, 1e-6 * max(abs(high), abs(low)) + 1e-12)
-    return max(x - high, low - x) / span - RECORD_MARGIN
+    return max(x - high, low - x) / _span(high, low) - RECORD_MARGIN
 
 
 @numba.njit(cache=True, inline="always")
@@ -578,8 +583,8 @@ def _record_log_p(row, at, f, beyond, count):
 def _band(x, high, low):
     """Which of TRANSITION_BANDS equal bands of [low, high] x falls in (the outer ones extend
     beyond)."""
-    span = max(high - low, 1e-6 * max(abs(high), abs(low)) + 1e-12)
-    return min(max(int(math.floor((x - low) / span * TRANSITION_BANDS)), 0), TRANSITION_BANDS - 1)
+    band = int(math.floor((x - low) / _span(high, low) * TRANSITION_BANDS))
+    return min(max(band, 0), TRANSITION_BANDS - 1)
 
 
 @numba.njit(cache=True, inline="always")
