@@ -53,24 +53,22 @@
    (`SKETCH_SLOTS` values and their counts). The tail probability of a value is the chance of a
    value at most as frequent. For a value the stream has not shown, that is the chance of
    something new: the Good-Turing estimate (values seen once, over events seen) shrunk toward
-   the rate of new values that training measured on warmed-up streams (`PRIOR_WEIGHT` events
-   of trust), so an account that has used three categories for a hundred purchases makes a
-   fourth improbable, while a merchant-id attr that is new half the time never is. Which new
-   value it is matters too: training counts the streams that showed each value, and a new
-   value's chance is that of something new *and* at most as common among them (among the
-   values the stream has not shown), so a card's first jeweller is rarer news than its first
-   supermarket. An
-   anomalous event, or a value improbable enough to alert on its own, counts half, so an
-   unusual value is remembered without becoming a singleton that makes the next new value
-   look ordinary. The
+   the rate of new values that training measured on warmed-up streams (`PRIOR_WEIGHT` events of
+   trust), so an account that has used three categories for a hundred purchases makes a fourth
+   improbable, while a merchant-id attr that is new half the time never is. Which new value it
+   is matters too: training counts the streams that showed each value, and a new value's chance
+   is that of something new *and* at most as common among them (among the values the stream has
+   not shown), so a card's first jeweller is rarer news than its first supermarket. An anomalous
+   event, or a value improbable enough to alert on its own, counts half, so an unusual value is
+   remembered without becoming a singleton that makes the next new value look ordinary. The
    rarest attr (Bonferroni over the attrs) is one more piece of evidence beside the numeric
-   ones, and so is its combination with them by Fisher's method: a new category with a
-   middling amount is more than either alone. Each remembered value also keeps the mean and
-   variance of the stream's features among its own events (shrunk toward the stream's by
-   `LEVEL_PRIOR` events): an amount that is ordinary for the account but ten times its usual
-   spend at this merchant category is judged against the category (two-sided, Bonferroni over
-   features and attrs), which a forecaster that has seen an account for a few dozen purchases
-   cannot do. Anomalous events stay out of these levels.
+   ones, and so is its combination with them by Fisher's method: a new category with a middling
+   amount is more than either alone. Each remembered value also keeps the mean and variance of
+   the stream's features among its own events (shrunk toward the stream's by `LEVEL_PRIOR`
+   events): an amount that is ordinary for the account but ten times its usual spend at this
+   merchant category is judged against the category (two-sided, Bonferroni over features and
+   attrs), which a forecaster that has seen an account for a few dozen purchases cannot do.
+   Anomalous events stay out of these levels.
 9. Probability = Phi(max z) over the windows (own tails), the stuck runs, the records and the
    transitions: the probability that normal behaviour would look less surprising.
    High means anomalous. Statistics start from the model's validation statistics (a prior worth
