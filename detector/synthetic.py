@@ -56,6 +56,10 @@ DEFAULT_START = "2026-01-01T00:00:00Z"
 NORMAL_HISTORY = 0.3  # no anomaly in this leading fraction of a stream
 NORMAL_EVENTS = 30  # nor in an account's first events: no detector knows an account before that
 LEVEL_SHIFT_LABELLED = 5  # a level shift is an anomaly on its first points only
+# An unusual amount lies at least this many of the account's own spreads (log scale) above its
+# typical amount: 8x is only 3 spreads for the most variable accounts, which one normal purchase
+# in ~700 reaches, so a label there would mark an ordinary purchase.
+UNUSUAL_SPREADS = 5.0
 
 # How popular each category is, and how much a purchase there costs against an account's usual.
 _CATEGORY_WEIGHT = np.array(
@@ -371,8 +375,9 @@ def transaction_streams(
     categories (out of `CATEGORIES`) and channels. Gaps between an account's events are
     exponential (a Poisson process) modulated by the time of day. With `anomalies`, about 1% of
     the events after each account's first 30% (and first 30 events) become "unusual_amount"
-    (8-20x its typical amount) or "unusual_category" (a category the account never uses, 3-6x
-    its typical amount).
+    (8-20x its typical amount in the category, and at least `UNUSUAL_SPREADS` of its spreads
+    above it) or "unusual_category" (a category the account never uses, 3-6x its typical
+    amount).
     """
     rng = np.random.default_rng(seed)
     A = n_accounts
@@ -416,7 +421,8 @@ def transaction_streams(
             spots = np.sort(rng.choice(np.arange(first, n), size=k, replace=False))
             for i in spots.tolist():
                 if rng.random() < 0.5:
-                    amount[i] = typical[a] * _CATEGORY_PRICE[cat[i]] * rng.uniform(8, 20)
+                    factor = max(rng.uniform(8, 20), math.exp(UNUSUAL_SPREADS * spread[a]))
+                    amount[i] = typical[a] * _CATEGORY_PRICE[cat[i]] * factor
                     code[i] = 1
                     episode_features[next_id] = ("amount",)
                 else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -203,6 +204,25 @@ def test_unusual_amount_dwarfs_the_accounts_usual_spend(transactions: Dataset) -
             checked += 1
     assert checked
     assert all(e["values"]["amount"] > 0 for e in transactions.events)
+
+
+def test_unusual_amount_is_beyond_the_accounts_normal_spread(transactions: Dataset) -> None:
+    """On the log scale, against the account's own purchases in the category: a label on an
+    amount that normal purchases reach would mark an ordinary purchase (8x is only 3 spreads
+    for the most variable accounts)."""
+    logs: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for event, label in zip(transactions.events, transactions.labels, strict=True):
+        if not label:
+            logs[event["stream"], event["attrs"]["category"]].append(
+                math.log(event["values"]["amount"])
+            )
+    zs = []
+    for event, label in zip(transactions.events, transactions.labels, strict=True):
+        usual = logs.get((event["stream"], event["attrs"]["category"]), [])
+        if label == "unusual_amount" and len(usual) >= 20:
+            zs.append((math.log(event["values"]["amount"]) - np.mean(usual)) / np.std(usual))
+    assert len(zs) >= 10
+    assert min(zs) > 3.5  # UNUSUAL_SPREADS (5), less the estimates' noise over 20+ purchases
 
 
 def test_jsonl_and_csv_round_trip(transactions: Dataset, tmp_path) -> None:
