@@ -1,8 +1,13 @@
 """From the forecaster's prediction and the observed value to a calibrated anomaly probability.
 
 1. Residuals: r_f = (z_f - mean_f) / sd_f per feature, under the forecast's own variance.
-2. Error: e = mean_f r_f^2, and the surprise s = e^(1/3), which for Gaussian residuals is close
-   to normal (Wilson-Hilferty), so a mean and a variance describe a stream's normal surprise.
+2. Error: e = mean_f w_f r_f^2, and the surprise s = e^(1/3), which for Gaussian residuals is
+   close to normal (Wilson-Hilferty), so a mean and a variance describe a stream's normal
+   surprise. Each feature's squared residual is weighed by how closely the stream's forecasts
+   of it usually do against the others' (w_f = mean_k m_k / m_f, m the features' typical
+   squared residuals, learned like the value statistics): a jump of 4 forecast sd in a
+   feature forecast to within half its residuals' spread is not averaged away by one forecast
+   loosely. With one feature, w = 1.
 3. Evidence over several horizons. For each window w (1 = this event alone, then a few events,
    then a few dozen) the stream keeps an exponentially weighted average of s, and the long-run
    variance of that average around the stream's normal surprise. The window's z-score compares
@@ -262,6 +267,7 @@ class Scorer:
      last value (F) | repeat run (F) | repeat rate (F) | longest recent run (F) |
      record high (F) | record low (F) | records seen (F) | their summed excess (F) |
      transitions made, as bits (TRANSITION_WORDS * F) | rate of new transitions (F) |
+     mean squared residual (F) |
      events counted at each TAIL_EDGES level (E) | events (1) |
      per categorical attr, a sketch: its values (SKETCH_SLOTS), their counts (SKETCH_SLOTS),
      the mean and variance of each feature among the events with each value (2 * SKETCH_SLOTS * F)]
@@ -310,7 +316,7 @@ class Scorer:
 
     def width(self, n_features: int, n_attrs: int = 0) -> int:
         return (
-            5 + 4 * len(self.windows) + (11 + TRANSITION_WORDS) * n_features + len(TAIL_EDGES)
+            5 + 4 * len(self.windows) + (12 + TRANSITION_WORDS) * n_features + len(TAIL_EDGES)
             + _sketch_width(n_features) * n_attrs
         )  # fmt: skip
 
@@ -337,6 +343,7 @@ class Scorer:
                 np.zeros(2 * f),  # no records
                 np.zeros(TRANSITION_WORDS * f),  # no transitions made
                 np.full(f, TRANSITION_RATE_PRIOR),
+                np.ones(f),  # mean squared residuals: a calibrated forecast's
                 np.zeros(len(TAIL_EDGES) + 1),  # no events counted
                 *(empty_sketch * n_attrs),
             ]
@@ -629,11 +636,13 @@ def _score_wave(
     records_at, excess_sum_at = last_at + 6 * f, last_at + 7 * f
     transitions_at = last_at + 8 * f  # TRANSITION_WORDS per feature
     transition_rate_at = transitions_at + TRANSITION_WORDS * f
-    counts_at = transition_rate_at + f  # E levels, then the number of events counted
+    squares_at = transition_rate_at + f
+    counts_at = squares_at + f  # E levels, then the number of events counted
     sketch_at = counts_at + n_edges + 1  # one sketch per attr
     sketch_width = _sketch_width(f)
     log_features = math.log(f)
     log_level_tests = math.log(2.0 * f * n_attrs) if n_attrs else 0.0  # two-sided, per f and a
+    squared = np.empty((b, f))  # each value's squared residual
     beyond = np.empty((b, f))  # each value's distance beyond its record (<= 0: none)
     transition_log_p = np.zeros((b, f))  # each value's new transition: its log p (0: none)
     level_z = np.zeros((b, f))  # each value's |z| among its attr values' events (0: none)
@@ -647,16 +656,24 @@ def _score_wave(
         row = stats[slots[i]]
         count = row[0]
 
-        # Residuals under the forecast; the expected value in the feature's own units.
+        # Residuals under the forecast; the expected value in the feature's own units. Each
+        # feature's squared residual is weighed by how well the stream's forecasts of it usually
+        # do against the others', so a jump in a feature that is forecast closely is not
+        # averaged away by one forecast loosely (one feature alone: weight 1).
+        typical = 0.0
+        for j in range(f):
+            typical += row[squares_at + j]
+        typical /= f
         error = 0.0
         for j in range(f):
             mean, var = row[mean_at + j], row[var_at + j]
             z = normalise(x[e, j], mean, var, count)
             model_input[i, j] = min(max(z, -Z_CLIP), Z_CLIP)
             r = (z - forecast[i, j]) * math.exp(-0.5 * logvar[i, j])
+            squared[i, j] = r * r
             details[e, 1 + j] = forecast[i, j] * scale(mean, var) + mean
-            details[e, 1 + f + j] = r * r
-            error += r * r
+            details[e, 1 + f + j] = r * r * typical / row[squares_at + j]
+            error += details[e, 1 + f + j]
         error /= f
         s = surprise(error)
         details[e, 0] = error
@@ -881,8 +898,14 @@ def _score_wave(
         for j in range(f):
             row[last_at + j] = x[e, j]
 
-        # Anomalous values stay out of the normal range (river's protect_anomaly_detector).
+        # Anomalous values stay out of the normal range (river's protect_anomaly_detector), and
+        # out of the features' typical residuals (winsorised, like the surprise).
         if prob < threshold:
+            square_alpha = max(1.0 / (count + PRIOR_WEIGHT + 1.0), long_alpha)
+            for j in range(f):
+                typical_j = row[squares_at + j]
+                seen = min(squared[i, j], WINSOR_Z * WINSOR_Z * typical_j)
+                row[squares_at + j] = typical_j + square_alpha * (seen - typical_j)
             for j in range(f):
                 row[mean_at + j], row[var_at + j] = update(
                     x[e, j], row[mean_at + j], row[var_at + j], count, norm_window

@@ -21,23 +21,28 @@ from detector.scoring import (
 )
 
 
-def feed(values, scorer: Scorer, logvar: float = 5.0) -> np.ndarray:
-    """(T, 3): probability, score and alert of each value of one univariate stream, forecast as
-    0 with log-variance `logvar` in the stream's normalised units."""
-    stats = scorer.initial_row(1)[None, :].copy()
+def feed(values, scorer: Scorer, logvar=5.0, forecast=None) -> np.ndarray:
+    """(T, 3): probability, score and alert of each event of one stream. `values` is (T,) for a
+    univariate stream or (T, F); the forecast is 0 unless given (T, F), with log-variance
+    `logvar` (one, or one per feature) in the stream's normalised units."""
+    values = np.asarray(values, np.float32).reshape(len(values), -1)
+    n_features = values.shape[1]
+    forecast = np.zeros(values.shape, np.float32) if forecast is None else forecast
+    logvars = np.broadcast_to(np.asarray(logvar, np.float32), (1, n_features))
+    stats = scorer.initial_row(n_features)[None, :].copy()
     clocks = np.zeros((1, 2))
     first = np.zeros(1, np.int64)  # the event's row in its one-event batch, and its slot
     rows = []
-    for t, value in enumerate(values):
-        out = Scores.empty(1, n_features=1)
+    for t in range(len(values)):
+        out = Scores.empty(1, n_features=n_features)
         scorer.score_wave(
             first,
             first,
-            np.array([[value]], np.float32),
+            values[t : t + 1],
             np.zeros((1, 0), np.int64),
             np.array([float(t)]),
-            np.zeros((1, 1), np.float32),
-            np.full((1, 1), logvar, np.float32),
+            np.asarray(forecast[t : t + 1], np.float32),
+            logvars,
             stats,
             clocks,
             out,
@@ -69,6 +74,23 @@ def test_a_trending_stream_sets_records_all_the_time_and_learns_that_it_does():
     trend = np.arange(500) * 0.01 + rng.uniform(0.0, 1.0, 500)
     out = feed(np.append(trend, trend.max() + 0.1), Scorer(0.9999))
     assert out[-1, 0] < 0.9999 and not out[-1, 2]
+
+
+def test_a_miss_in_a_closely_forecast_feature_is_not_averaged_away_by_a_loose_one():
+    """Feature 0's forecasts claim twice its residuals' spread (squared residuals 0.25 a
+    typical event), feature 1's half (4). A miss of 4 forecast sd is 64 times feature 0's
+    typical squared residual and 4 times feature 1's: weighed by each feature's typical
+    residual, the first alerts, the second does not. Their plain means (about 10 and 8) are
+    both ordinary in a stream whose mean squared residual is 2 sd 3."""
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.0, 1.0, (601, 2))
+    logvar = np.log([4.0, 0.25])
+    for feature, verdict in ((0, True), (1, False)):
+        forecast = np.zeros(values.shape, np.float32)
+        forecast[-1, feature] = values[-1, feature] - 4.0 * math.exp(0.5 * logvar[feature])
+        out = feed(values, Scorer(0.9999), logvar, forecast)
+        assert out[:-1, 2].sum() == 0
+        assert bool(out[-1, 2]) is verdict, (feature, out[-1, 0])
 
 
 def _triangle(cycles: int, drops: int = 0) -> np.ndarray:
