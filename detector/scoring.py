@@ -125,6 +125,8 @@ from detector.prefetch import prefetch_row
 
 PRIOR_WEIGHT = 20.0  # events' worth of trust in the model's validation statistics
 WINSOR_Z = 3.0  # long statistics see at most mean + 3 sd of surprise from any one event
+SQUARES_FLOOR = 1e-8  # a feature's typical squared residual never falls below this (a constant
+# feature forecast exactly would otherwise weigh 0 / 0)
 REPEAT_PRIOR = 0.05  # prior rate of exactly repeated values
 STUCK_RATE_MAX = 0.1  # a feature that repeats more often than this cannot look "stuck"
 REPEAT_FLOOR = 1e-3  # a run's probability is never judged below this rate per step
@@ -905,7 +907,9 @@ def _score_wave(
             for j in range(f):
                 typical_j = row[squares_at + j]
                 seen = min(squared[i, j], WINSOR_Z * WINSOR_Z * typical_j)
-                row[squares_at + j] = typical_j + square_alpha * (seen - typical_j)
+                row[squares_at + j] = max(
+                    typical_j + square_alpha * (seen - typical_j), SQUARES_FLOOR
+                )
             for j in range(f):
                 row[mean_at + j], row[var_at + j] = update(
                     x[e, j], row[mean_at + j], row[var_at + j], count, norm_window

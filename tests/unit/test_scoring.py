@@ -21,15 +21,17 @@ from detector.scoring import (
 )
 
 
-def feed(values, scorer: Scorer, logvar=5.0, forecast=None) -> np.ndarray:
+def feed(values, scorer: Scorer, logvar=5.0, forecast=None, stats=None) -> np.ndarray:
     """(T, 3): probability, score and alert of each event of one stream. `values` is (T,) for a
     univariate stream or (T, F); the forecast is 0 unless given (T, F), with log-variance
-    `logvar` (one, or one per feature) in the stream's normalised units."""
+    `logvar` (one, or one per feature) in the stream's normalised units. The stream's
+    statistics row starts new, or is `stats` (1, width), updated in place."""
     values = np.asarray(values, np.float32).reshape(len(values), -1)
     n_features = values.shape[1]
     forecast = np.zeros(values.shape, np.float32) if forecast is None else forecast
     logvars = np.broadcast_to(np.asarray(logvar, np.float32), (1, n_features))
-    stats = scorer.initial_row(n_features)[None, :].copy()
+    if stats is None:
+        stats = scorer.initial_row(n_features)[None, :].copy()
     clocks = np.zeros((1, 2))
     first = np.zeros(1, np.int64)  # the event's row in its one-event batch, and its slot
     rows = []
@@ -91,6 +93,22 @@ def test_a_miss_in_a_closely_forecast_feature_is_not_averaged_away_by_a_loose_on
         out = feed(values, Scorer(0.9999), logvar, forecast)
         assert out[:-1, 2].sum() == 0
         assert bool(out[-1, 2]) is verdict, (feature, out[-1, 0])
+
+
+def test_a_constant_feature_forecast_exactly_keeps_the_stream_finite():
+    """Its squared residual is exactly 0 at every event, so its typical one decays toward 0 (a
+    float32 denormal after ~100,000 events), and its weight toward 1e42: the first move of the
+    feature, weighed so, overflowed the error and left the stream's window statistics NaN."""
+    rng = np.random.default_rng(4)
+    values = np.column_stack([rng.normal(0.0, 1.0, 110_200), np.full(110_200, 5.0)])
+    values[110_000, 1] = 6.0  # it moves once
+    scorer = Scorer(0.9999)
+    stats = scorer.initial_row(2)[None, :].copy()
+    out = feed(values, scorer, 0.0, stats=stats)
+    assert np.isfinite(stats).all() and np.isfinite(out[:, 0]).all()
+    assert out[110_000, 2]  # the first move in 110,000 events alerts
+    assert out[:110_000, 2].mean() < 3e-4  # the noisy feature's events: about the nominal 1e-4
+    assert out[110_001:, 2].sum() == 0
 
 
 def _triangle(cycles: int, drops: int = 0) -> np.ndarray:
