@@ -5,7 +5,7 @@
    close to normal (Wilson-Hilferty), so a mean and a variance describe a stream's normal
    surprise. Each feature's squared residual is weighed by how closely the stream's forecasts
    of it usually do against the others' (w_f = mean_k m_k / m_f, m the features' typical
-   squared residuals, learned like the value statistics): a jump of 4 forecast sd in a
+   squared residuals, learned like the normal surprise): a jump of 4 forecast sd in a
    feature forecast to within half its residuals' spread is not averaged away by one forecast
    loosely. With one feature, w = 1.
 3. Evidence over several horizons. For each window w (1 = this event alone, then a few events,
@@ -126,7 +126,7 @@ from detector.prefetch import prefetch_row
 PRIOR_WEIGHT = 20.0  # events' worth of trust in the model's validation statistics
 WINSOR_Z = 3.0  # long statistics see at most mean + 3 sd of surprise from any one event
 SQUARES_FLOOR = 1e-8  # a feature's typical squared residual never falls below this (a constant
-# feature forecast exactly would otherwise weigh 0 / 0)
+# feature forecast exactly would decay to a denormal, and its weight overflow the error)
 REPEAT_PRIOR = 0.05  # prior rate of exactly repeated values
 STUCK_RATE_MAX = 0.1  # a feature that repeats more often than this cannot look "stuck"
 REPEAT_FLOOR = 1e-3  # a run's probability is never judged below this rate per step
@@ -854,8 +854,8 @@ def _score_wave(
             row[low_at + j] = min(x[e, j], low + max(bottom - low, 0.0) * RECORD_FORGET)
 
         # Learn. The first two forecasts come from a state that has seen (almost) nothing.
+        alpha = max(1.0 / (count + PRIOR_WEIGHT + 1.0), long_alpha)
         if count >= 2:
-            alpha = max(1.0 / (count + PRIOR_WEIGHT + 1.0), long_alpha)
             row[peak_at] = peak if is_warm else max(peak, zed)
             row[last_peak_at] = last_peak
             # A stuck run is counted by no level: it is one finding, and counted it taught the
@@ -903,13 +903,10 @@ def _score_wave(
         # Anomalous values stay out of the normal range (river's protect_anomaly_detector), and
         # out of the features' typical residuals (winsorised, like the surprise).
         if prob < threshold:
-            square_alpha = max(1.0 / (count + PRIOR_WEIGHT + 1.0), long_alpha)
             for j in range(f):
                 typical_j = row[squares_at + j]
                 seen = min(squared[i, j], WINSOR_Z * WINSOR_Z * typical_j)
-                row[squares_at + j] = max(
-                    typical_j + square_alpha * (seen - typical_j), SQUARES_FLOOR
-                )
+                row[squares_at + j] = max(typical_j + alpha * (seen - typical_j), SQUARES_FLOOR)
             for j in range(f):
                 row[mean_at + j], row[var_at + j] = update(
                     x[e, j], row[mean_at + j], row[var_at + j], count, norm_window
