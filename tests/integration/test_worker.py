@@ -322,9 +322,13 @@ def test_sigkill_mid_stream_then_restart_loses_and_skips_nothing(
     bad = set(range(7, len(records), 997))
     for i in bad:
         records[i] = (records[i][0], b'{"broken": ')
-    produce(broker, n["topic"], records)
-    ends = end_offsets(broker, n["topic"], partitions)
-    assert sum(ends.values()) == len(records)
+    # The topic fills in three parts: the first is there at the start; the second is produced
+    # while the worker reads, and the kill lands as soon as the worker is into it, so it most
+    # likely hits a batch in flight; the last arrives while the worker is down, so the kill is
+    # mid-stream however fast the worker reads (librdkafka once read a 20,000-record topic that
+    # was all there from the start before its first checkpoint with streams).
+    first_part, before_kill = len(records) // 5, len(records) * 3 // 4
+    produce(broker, n["topic"], records[:first_part])
 
     env = make_env(
         broker,
@@ -335,21 +339,31 @@ def test_sigkill_mid_stream_then_restart_loses_and_skips_nothing(
         DETECTOR__CHECKPOINT__INTERVAL_SECONDS="0.5",
     )
     first = start_worker(model_dir, env, tmp_path, "--idle-exit", "30")
+    second_part = threading.Thread(
+        target=produce, args=(broker, n["topic"], records[first_part:before_kill])
+    )
     try:
-        wait_for_commit(broker, n["group"], n["topic"], first, above=2000)
+        wait_for_commit(broker, n["group"], n["topic"], first, above=first_part // 2)
         # A warm restart needs a checkpoint that holds streams: without this wait the kill can
         # land between the first commits and the first checkpoint after them.
         wait_for_checkpoint_with_streams(tmp_path / "state" / "state.safetensors")
+        second_part.start()
+        wait_for_commit(broker, n["group"], n["topic"], first, above=first_part + 1000)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
         if first.poll() is None:
             first.kill()
+        if second_part.is_alive():
+            second_part.join(60)
     assert first.returncode == -signal.SIGKILL
     at_kill = committed(broker, n["group"], n["topic"])
     done = sum(at_kill.values())
-    assert 0 < done < len(records), "the kill should land mid-stream"
+    assert first_part < done <= before_kill
     assert (tmp_path / "state" / "state.safetensors").is_file()
+    produce(broker, n["topic"], records[before_kill:])
+    ends = end_offsets(broker, n["topic"], partitions)
+    assert sum(ends.values()) == len(records)
 
     second = start_worker(model_dir, env, tmp_path, "--idle-exit", "2", "--duration", "90")
     out, err = second.communicate(timeout=120)
