@@ -69,10 +69,14 @@
    rarest attr (Bonferroni over the attrs) is one more piece of evidence beside the numeric
    ones, and so is its combination with them by Fisher's method: a new category with a middling
    amount is more than either alone. Each remembered value also keeps the mean and variance of
-   the stream's features among its own events (shrunk toward the stream's by `LEVEL_PRIOR`
-   events): an amount that is ordinary for the account but ten times its usual spend at this
-   merchant category is judged against the category (two-sided, Bonferroni over features and
-   attrs), which a forecaster that has seen an account for a few dozen purchases cannot do.
+   the stream's features among its own events: an amount that is ordinary for the account but
+   ten times its usual spend at this merchant category is judged against the category
+   (two-sided, Bonferroni over features and attrs), which a forecaster that has seen an account
+   for a few dozen purchases cannot do. A value seen n times keeps n / (n + within / between)
+   of its own level (empirical Bayes: the spread within a value pooled over the sketch and
+   shrunk toward the stream's variance by `LEVEL_PRIOR` events, the spread between values what
+   the stream's variance holds beyond it), so where categories differ in price far more than
+   purchases within one, three purchases already place the category's level.
    Anomalous events stay out of these levels.
 9. Probability = Phi(max z) over the windows (own tails), the stuck runs, the records and the
    transitions: the probability that normal behaviour would look less surprising.
@@ -139,7 +143,7 @@ TAIL_PRIOR = 10.0  # exceedances' worth of trust in the Gaussian tail prior
 LOG_P_MIN = 60.0  # tail probabilities below e^-60 are all "certainly anomalous"
 STUCK_LOG_P_MIN = 15.0  # a stuck run is never more improbable than e^-15 (z ~ 5.2)
 SKETCH_SLOTS = 8  # most frequent values remembered per categorical attr and stream
-LEVEL_PRIOR = 5.0  # events' worth of trust in the stream's own level for a new attr value
+LEVEL_PRIOR = 5.0  # events' worth of the stream's variance in the spread within an attr value
 LEVEL_MIN = 3.0  # an attr value's level is judged once it has been seen this often
 ANOMALOUS_SIGHTING = 0.5  # what an anomalous event adds to its attr value's count
 NEW_VALUE_RATE = 0.01  # prior rate of values new to a stream, where training measured none
@@ -510,14 +514,25 @@ def _count_value(row, at, value, weight):
 
 @numba.njit(cache=True, inline="always")
 def _level_z(row, at, k, f, j, x, mean, var):
-    """z of feature j's value x among the stream's events with the value in slot k: that value's
-    own mean and variance, shrunk toward the stream's (`mean`, `var`) by LEVEL_PRIOR events."""
-    n = row[at + SKETCH_SLOTS + k]
-    own = n / (n + LEVEL_PRIOR)
-    means_at = at + 2 * SKETCH_SLOTS
+    """z of feature j's value x among the stream's events with the value in slot k, by empirical
+    Bayes: the values' levels spread around the stream's `mean` by what the stream's variance
+    `var` holds beyond the spread within a value (pooled over the sketch, shrunk toward `var` by
+    LEVEL_PRIOR events), so a value seen n times keeps n / (n + within / between) of its own level,
+    and x is judged against the within spread plus the level's own uncertainty."""
+    counts_at, means_at = at + SKETCH_SLOTS, at + 2 * SKETCH_SLOTS
+    vars_at = means_at + SKETCH_SLOTS * f
+    summed, freedom = LEVEL_PRIOR * var, LEVEL_PRIOR
+    for slot in range(SKETCH_SLOTS):
+        seen = row[counts_at + slot]
+        if seen >= 2.0:
+            summed += seen * row[vars_at + slot * f + j]
+            freedom += seen - 1.0
+    within = summed / freedom
+    between = max(var - within, 1e-12)
+    n = row[counts_at + k]
+    own = n / (n + within / between)
     level = own * row[means_at + k * f + j] + (1.0 - own) * mean
-    spread = own * row[means_at + SKETCH_SLOTS * f + k * f + j] + (1.0 - own) * var
-    return (x - level) / scale(level, spread)
+    return (x - level) / scale(level, within * (1.0 + own / n))
 
 
 @numba.njit(cache=True, inline="always")

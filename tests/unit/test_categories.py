@@ -210,3 +210,31 @@ def test_an_amount_normal_for_the_stream_but_not_for_its_category_alerts_on_the_
     assert unusual.is_alert[0] and unusual.probability[0] > 0.9999
     amount_share, category_share = unusual.contributions[0]
     assert amount_share > 0.9  # the amount is what is unusual, not the (habitual) category
+
+
+def test_a_value_seen_a_few_times_keeps_its_own_level_where_values_differ_widely():
+    # Two habitual categories cost 40 and 160; a third was bought three times at 100, the
+    # stream's mean. Its level rests on three purchases, but the stream's amounts differ far
+    # more between categories (sd 60) than within one (2), so those three say more than the
+    # stream's spread does: 160 in it is 30 of its own sds off. (With its level and spread
+    # shrunk toward the stream's by a fixed five events' worth, 160 scored 0.9976: no alert.)
+    eng = engine(new_value_rate=1e-2)
+    rng = np.random.default_rng(3)
+    categories = rng.choice([3, 5], size=300)
+    categories[[5, 140, 240]] = 8  # the first in warm-up, where it is learned
+    prices = np.select([categories == 3, categories == 5], [40.0, 160.0], 100.0)
+    amounts = (prices + rng.normal(0.0, 2.0, len(categories)))[:, None].astype(np.float32)
+    eng.step_many(
+        EventBatch(["acct"] * len(categories), np.arange(300.0), amounts, categories[:, None])
+    )
+
+    def purchase(category: int, amount: float, t: float):
+        values = np.array([[amount]], np.float32)
+        return eng.step_many(EventBatch(["acct"], np.array([t]), values, np.array([[category]])))
+
+    unusual = purchase(8, 160.0, t=300.0)
+    usual = purchase(5, 160.0, t=301.0)
+    assert unusual.is_alert[0] and unusual.probability[0] > 0.9999
+    amount_share, category_share = unusual.contributions[0]
+    assert amount_share > 0.75  # mostly the amount: the category is known, if rare
+    assert not usual.is_alert[0]
