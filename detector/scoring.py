@@ -658,7 +658,7 @@ def _score_wave(
     sketch_at = counts_at + n_edges + 1  # one sketch per attr
     sketch_width = _sketch_width(f)
     log_features = math.log(f)
-    log_level_tests = math.log(2.0 * f * n_attrs) if n_attrs else 0.0  # two-sided, per f and a
+    log_level_tests = math.log(f * n_attrs) if n_attrs else 0.0  # Bonferroni: per f and a
     squared = np.empty((b, f))  # each value's squared residual
     beyond = np.empty((b, f))  # each value's distance beyond its record (<= 0: none)
     transition_log_p = np.zeros((b, f))  # each value's new transition: its log p (0: none)

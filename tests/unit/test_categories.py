@@ -1,6 +1,8 @@
 """Categorical attrs: a value new to a stream is evidence, in proportion to how rarely the stream
 (and the streams training saw) show new values."""
 
+import math
+
 import numpy as np
 import orjson
 import pytest
@@ -12,7 +14,7 @@ from detector.errors import InputError
 from detector.events import EventBatch
 from detector.kafka_io import alert_record
 from detector.model import Forecaster, ForecasterConfig
-from detector.scoring import Calibration, Scorer
+from detector.scoring import SKETCH_SLOTS, Calibration, Scorer, Scores
 from detector.train import (
     History,
     StreamHistory,
@@ -238,3 +240,27 @@ def test_a_value_seen_a_few_times_keeps_its_own_level_where_values_differ_widely
     amount_share, category_share = unusual.contributions[0]
     assert amount_share > 0.75  # mostly the amount: the category is known, if rare
     assert not usual.is_alert[0]
+
+
+def test_a_level_is_judged_two_sided_once_and_bonferroni_over_features_and_attrs():
+    # One feature, one attr, a category seen a million times at 10 +- 1 in a stream whose
+    # amounts are 50 +- 10: its level is its own, and 14.15 is 4.15 of its sds off. That is
+    # 2 Phi(-4.15) = 3.3e-5 two-sided, with one test to correct for (the two-sidedness was
+    # counted twice, as one more factor 2, and the event scored 1 - 6.6e-5).
+    scorer = Scorer(threshold=0.9999)
+    stats = scorer.initial_row(n_features=1, n_attrs=1)[None, :].copy()
+    stats[0, :3] = 1000.0, 50.0, 100.0  # events, the stream's mean and variance
+    sketch = scorer.width(1, 0)  # the attr's sketch follows the numeric statistics
+    slots = SKETCH_SLOTS
+    stats[0, sketch], stats[0, sketch + slots] = 5.0, 1e6  # value 5, seen a million times
+    stats[0, sketch + 2 * slots], stats[0, sketch + 3 * slots] = 10.0, 1.0  # its mean, variance
+    x = np.array([[14.15]], np.float32)
+    forecast = np.array([[(14.15 - 50.0) / 10.0]], np.float32)  # the forecaster saw it coming
+    out = Scores.empty(1, n_features=1, n_attrs=1)
+    one = np.zeros(1, dtype=np.int64)
+    scorer.score_wave(
+        one, one, x, np.array([[5]]), np.zeros(1), forecast, np.zeros((1, 1), np.float32),
+        stats, np.zeros((1, 2)), out,
+    )  # fmt: skip
+    expected = 2.0 * 0.5 * math.erfc(4.15 / math.sqrt(2.0))
+    assert 1.0 - out.probability[0] == pytest.approx(expected, rel=0.01)
