@@ -12,7 +12,9 @@
    then a few dozen) the stream keeps an exponentially weighted average of s, and the long-run
    variance of that average around the stream's normal surprise. The window's z-score compares
    the two: a single spike stands out in window 1, a sustained run of middling errors (a variance
-   change, a frequency change) in the longer ones. Each window is calibrated on its own history,
+   change, a frequency change) in the longer ones, which see each event winsorised at
+   `WINDOW_WINSOR_Z` sd of window 1, so that a spike is window 1's finding and a lasting change
+   moves them from its first event. Each window is calibrated on its own history,
    so autocorrelated errors do not inflate it. The z is read as Student's t with as many
    degrees of freedom as events behind the statistics (plus the prior's `PRIOR_WEIGHT`): a new
    stream's spread is an estimate, and a z of 3.7 against the spread of 50 events is as common
@@ -129,6 +131,10 @@ from detector.prefetch import prefetch_row
 
 PRIOR_WEIGHT = 20.0  # events' worth of trust in the model's validation statistics
 WINSOR_Z = 3.0  # long statistics see at most mean + 3 sd of surprise from any one event
+# ... and the windows longer than one event at most mean + 5 sd: at 3 the onset of a lasting
+# change (a level shift's first error) counted in window 4 as no more than a common 3-sd event,
+# while 5 still keeps a 10-sd spike from holding window 32 up (see evaluation.md).
+WINDOW_WINSOR_Z = 5.0
 SQUARES_FLOOR = 1e-8  # a feature's typical squared residual never falls below this (a constant
 # feature forecast exactly would decay to a denormal, and its weight overflow the error)
 REPEAT_PRIOR = 0.05  # prior rate of exactly repeated values
@@ -697,7 +703,9 @@ def _score_wave(
 
         # Windows: z of each horizon's average surprise; beyond TAIL_Z the stream's own tail.
         normal = row[s_at]
-        capped = min(s, normal + WINSOR_Z * math.sqrt(max(row[wvar_at], 1e-8)))
+        spread = math.sqrt(max(row[wvar_at], 1e-8))  # of window 1: one event's surprise
+        capped = min(s, normal + WINSOR_Z * spread)
+        windowed = min(s, normal + WINDOW_WINSOR_Z * spread)
         z_body = -Z_MAX
         log_tail = 0.0
         dof = count + PRIOR_WEIGHT  # events behind the statistics, the prior's included
@@ -705,7 +713,7 @@ def _score_wave(
         for k in range(w):
             # Window 1 sees s as it is; longer ones see it winsorised, so that one spike (judged
             # by window 1) does not hold them up for dozens of events.
-            seen = s if alphas[k] == 1.0 else capped
+            seen = s if alphas[k] == 1.0 else windowed
             average = row[avg_at + k] + alphas[k] * (seen - row[avg_at + k])
             row_sd = math.sqrt(max(row[wvar_at + k], 1e-8))
             zk = _z_of_t((average - normal) / row_sd, dof)
