@@ -12,6 +12,8 @@ from detector.scoring import (
     TRANSITION_BANDS,
     TRANSITION_RATE_PRIOR,
     TRANSITION_WORDS,
+    WINDOW_WINSOR_Z,
+    WINSOR_Z,
     Scorer,
     Scores,
     _own_tail_z,
@@ -109,6 +111,29 @@ def test_a_constant_feature_forecast_exactly_keeps_the_stream_finite():
     assert out[110_000, 2]  # the first move in 110,000 events alerts
     assert out[:110_000, 2].mean() < 3e-4  # the noisy feature's events: about the nominal 1e-4
     assert out[110_001:, 2].sum() == 0
+
+
+def test_the_longer_windows_see_an_extreme_event_winsorised_at_window_sizes_of_spread():
+    """A jump of 8 sd (surprise ~4 against a normal ~0.86) moves window 4's average by a quarter
+    of the way to the cap: normal + WINDOW_WINSOR_Z sd of window 1, more than the long
+    statistics' WINSOR_Z, so that a lasting change counts in window 4 from its first event."""
+    rng = np.random.default_rng(5)
+    scorer = Scorer(0.9999)
+    stats = scorer.initial_row(1)[None, :].copy()
+    feed(rng.normal(0.0, 1.0, 600), scorer, 0.0, stats=stats)
+    w = len(scorer.windows)
+    normal_at, avg_at = 3, 6  # count | value mean, variance | normal surprise, two peaks | windows
+    before = stats[0].astype(np.float64)
+    spread = math.sqrt(before[avg_at + w])  # window 1's variance
+    feed([8.0], scorer, 0.0, stats=stats)
+    cap = before[normal_at] + WINDOW_WINSOR_Z * spread
+    expected = before[avg_at + 1] + 0.25 * (cap - before[avg_at + 1])
+    assert stats[0, avg_at + 1] == pytest.approx(expected, rel=1e-5)
+    three_sd = before[avg_at + 1] + 0.25 * (
+        before[normal_at] + WINSOR_Z * spread - before[avg_at + 1]
+    )
+    assert stats[0, avg_at + 1] > three_sd + 0.1
+    assert stats[0, avg_at] > cap  # window 1 sees the event as it is
 
 
 def _triangle(cycles: int, drops: int = 0) -> np.ndarray:
