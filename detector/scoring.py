@@ -19,6 +19,14 @@
    degrees of freedom as events behind the statistics (plus the prior's `PRIOR_WEIGHT`): a new
    stream's spread is an estimate, and a z of 3.7 against the spread of 50 events is as common
    as 3.4 against a known one (young streams alerted at 1e-3 an event with the 1e-4 threshold).
+   One more window (`SMOOTH_WINDOW` events) watches the series through a plainer forecaster:
+   each normalised value against its exponentially smoothed level (`SMOOTH_ALPHA`), in units of
+   the stream's typical squared deviation from it. A forecaster that follows the series step by
+   step takes up a level shift or a faster cycle within an event or two, and its variance
+   forecast a lasting change of the noise, so its residuals return to normal while the fault
+   goes on; the smoothed level lags, and its deviations stay large for as long as the series
+   moves unlike itself. Its surprise has its own normal and spread, its window its own fitted
+   tail, judged from 2 * `PRIOR_WEIGHT` events on.
 4. Stuck signals: the forecaster cannot see an error that is too *small*, so each feature also
    keeps the length of its current run of exactly repeated values and the stream's long-run rate
    of repeats p. A run of k repeats has probability p^k under normal behaviour; its z-score joins
@@ -175,6 +183,8 @@ TRANSITION_BITS = 24  # bits of the seen-transitions set per float32 (exact inte
 TRANSITION_WORDS = -(-TRANSITION_BANDS * TRANSITION_BANDS // TRANSITION_BITS)
 TRANSITION_MEMORY = 300.0  # events over which the rate of new transitions is averaged
 TRANSITION_RATE_PRIOR = 0.025  # prior rate of new transitions (PRIOR_WEIGHT events of trust)
+SMOOTH_ALPHA = 0.2  # the smoothed level's step: it takes up a level shift within ~10 events
+SMOOTH_WINDOW = 16.0  # events in the window of the smoothed level's residuals
 AHEAD = 8  # the kernel prefetches the rows of the event this many ahead
 
 
@@ -280,6 +290,8 @@ class Scorer:
      record high (F) | record low (F) | records seen (F) | their summed excess (F) |
      transitions made, as bits (TRANSITION_WORDS * F) | rate of new transitions (F) |
      mean squared residual (F) |
+     smoothed level (F) | its mean squared residual (F) | smoothed surprise mean | its
+     variance | its window average | the window's variance | tail rate | tail excess |
      events counted at each TAIL_EDGES level (E) | events (1) |
      per categorical attr, a sketch: its values (SKETCH_SLOTS), their counts (SKETCH_SLOTS),
      the mean and variance of each feature among the events with each value (2 * SKETCH_SLOTS * F)]
@@ -328,7 +340,7 @@ class Scorer:
 
     def width(self, n_features: int, n_attrs: int = 0) -> int:
         return (
-            5 + 4 * len(self.windows) + (12 + TRANSITION_WORDS) * n_features + len(TAIL_EDGES)
+            11 + 4 * len(self.windows) + (14 + TRANSITION_WORDS) * n_features + len(TAIL_EDGES)
             + _sketch_width(n_features) * n_attrs
         )  # fmt: skip
 
@@ -356,6 +368,9 @@ class Scorer:
                 np.zeros(TRANSITION_WORDS * f),  # no transitions made
                 np.full(f, TRANSITION_RATE_PRIOR),
                 np.ones(f),  # mean squared residuals: a calibrated forecast's
+                np.full(f, np.nan),  # smoothed levels: none yet
+                np.zeros(f),  # their mean squared residuals: none yet
+                _smooth_prior(f, SMOOTH_WINDOW),
                 np.zeros(len(TAIL_EDGES) + 1),  # no events counted
                 *(empty_sketch * n_attrs),
             ]
@@ -639,6 +654,41 @@ def _transition(row, at, rate_at, last, x, high, low, count):
     return log_p
 
 
+def _smooth_prior(n_features: int, window: float) -> np.ndarray:
+    """The smoothed surprise's statistics for Gaussian residuals: the cube root of a mean of
+    F squared unit residuals is close to normal with mean 1 - 2 / 9F and variance 2 / 9F
+    (Wilson-Hilferty), and its window's average varies a / (2 - a) as much."""
+    a, var = 1.0 / window, 2.0 / (9.0 * n_features)
+    mean = 1.0 - var
+    return np.array([mean, var, mean, var * a / (2.0 - a), TAIL_RATE_PRIOR, TAIL_EXCESS_PRIOR])
+
+
+@numba.njit(cache=True, inline="always")
+def _window_log_tail(zk, rate, excess, tail_events):
+    """log P(a window's z this far beyond TAIL_Z) under its fitted tail: an exponential with the
+    mean excess known from the exceedances behind it (rate times the events its average spans,
+    plus TAIL_PRIOR), read predictively (Lomax)."""
+    shape = TAIL_PRIOR + rate * tail_events
+    return math.log(rate) - shape * math.log1p((zk - TAIL_Z) / (shape * excess))
+
+
+@numba.njit(cache=True, inline="always")
+def _learn_window(row, avg_at, wvar_at, rate_at, excess_at, normal, new_normal, alpha):
+    """Fold a window's (already updated) average into its variance around the normal surprise
+    and into its tail's rate and mean excess."""
+    sd = math.sqrt(max(row[wvar_at], 1e-8))
+    zk = (row[avg_at] - normal) / sd
+    deviation = min(row[avg_at] - new_normal, WINSOR_Z * sd)
+    row[wvar_at] = (1.0 - alpha) * row[wvar_at] + alpha * deviation * deviation
+    exceeds = 1.0 if zk > TAIL_Z else 0.0
+    rate = row[rate_at]
+    row[rate_at] = rate + alpha * (exceeds - rate)
+    if exceeds:
+        step = alpha / (rate + TAIL_PRIOR * alpha)
+        over = min(zk - TAIL_Z, TAIL_EXCESS_MAX)
+        row[excess_at] = max(row[excess_at] + step * (over - row[excess_at]), TAIL_EXCESS_MIN)
+
+
 @numba.njit(cache=True, parallel=True)
 def _score_wave(
     rows, slots, x, attrs, ts, forecast, logvar, stats, clocks, alphas, new_rates, commonness,
@@ -660,12 +710,17 @@ def _score_wave(
     transitions_at = last_at + 8 * f  # TRANSITION_WORDS per feature
     transition_rate_at = transitions_at + TRANSITION_WORDS * f
     squares_at = transition_rate_at + f
-    counts_at = squares_at + f  # E levels, then the number of events counted
+    smooth_at, smooth_squares_at = squares_at + f, squares_at + 2 * f
+    smooth_s_at, smooth_var_at = squares_at + 3 * f, squares_at + 3 * f + 1
+    smooth_avg_at = smooth_var_at + 1  # then its variance, tail rate and tail excess
+    counts_at = smooth_avg_at + 4  # E levels, then the number of events counted
     sketch_at = counts_at + n_edges + 1  # one sketch per attr
     sketch_width = _sketch_width(f)
     log_features = math.log(f)
     log_level_tests = math.log(f * n_attrs) if n_attrs else 0.0  # Bonferroni: per f and a
     squared = np.empty((b, f))  # each value's squared residual
+    smooth_deviation = np.empty((b, f))  # ... its squared deviation from its smoothed level
+    smooth_squared = np.ones((b, f))  # ... and that in its typical units (1 until known)
     beyond = np.empty((b, f))  # each value's distance beyond its record (<= 0: none)
     transition_log_p = np.zeros((b, f))  # each value's new transition: its log p (0: none)
     level_z = np.zeros((b, f))  # each value's |z| among its attr values' events (0: none)
@@ -701,6 +756,20 @@ def _score_wave(
         s = surprise(error)
         details[e, 0] = error
 
+        # The same against each normalised value's smoothed level (item 3 of the docstring),
+        # judged once PRIOR_WEIGHT deviations have set what is typical (see the learning).
+        smooth_ready = count >= 2.0 * PRIOR_WEIGHT
+        smooth_events = count - PRIOR_WEIGHT  # behind its statistics, the prior's included
+        smooth_error = 0.0
+        for j in range(f):
+            deviation = model_input[i, j] - row[smooth_at + j]  # NaN before a level exists
+            smooth_deviation[i, j] = deviation * deviation
+            typical_j = row[smooth_squares_at + j]
+            smooth_ready = smooth_ready and typical_j > 0.0
+            smooth_squared[i, j] = smooth_deviation[i, j] / typical_j if typical_j > 0.0 else 1.0
+            smooth_error += smooth_squared[i, j]
+        s_smooth = surprise(smooth_error / f)
+
         # Windows: z of each horizon's average surprise; beyond TAIL_Z the stream's own tail.
         normal = row[s_at]
         spread = math.sqrt(max(row[wvar_at], 1e-8))  # of window 1: one event's surprise
@@ -719,12 +788,27 @@ def _score_wave(
             zk = _z_of_t((average - normal) / row_sd, dof)
             z_body = max(z_body, min(zk, TAIL_Z))
             if zk > TAIL_Z:
-                # Exceedances behind the fit: its rate times the events its average spans.
-                shape = TAIL_PRIOR + row[rate_at + k] * tail_events
-                scaled = (zk - TAIL_Z) / (shape * row[excess_at + k])
-                tail = math.log(row[rate_at + k]) - shape * math.log1p(scaled)
+                tail = _window_log_tail(zk, row[rate_at + k], row[excess_at + k], tail_events)
                 log_tail = min(log_tail, tail)
             row[avg_at + k] = average if count >= 2 else row[avg_at + k]
+        # The smoothed level's window, judged like the others against its own normal.
+        smooth_normal = row[smooth_s_at]
+        smooth_spread = math.sqrt(max(row[smooth_var_at], 1e-8))
+        by_smooth = False
+        if smooth_ready:
+            seen = min(s_smooth, smooth_normal + WINDOW_WINSOR_Z * smooth_spread)
+            average = row[smooth_avg_at] + (seen - row[smooth_avg_at]) / SMOOTH_WINDOW
+            row_sd = math.sqrt(max(row[smooth_avg_at + 1], 1e-8))
+            zk = _z_of_t((average - smooth_normal) / row_sd, smooth_events)
+            z_body = max(z_body, min(zk, TAIL_Z))
+            if zk > TAIL_Z:
+                tail = _window_log_tail(
+                    zk, row[smooth_avg_at + 2], row[smooth_avg_at + 3],
+                    min(smooth_events, 2.0 / long_alpha),
+                )  # fmt: skip
+                by_smooth = tail < log_tail
+                log_tail = min(log_tail, tail)
+            row[smooth_avg_at] = average
 
         # Stuck signals: runs beyond the longest recent one, each extra repeat with rate p. The
         # evidence grows with the run until STUCK_LOG_P, then jumps to its cap and stays there:
@@ -838,6 +922,8 @@ def _score_wave(
             elif log_stuck < log_tail:
                 run = row[run_at + j] + 1.0 if x[e, j] == row[last_at + j] else 0.0
                 details[e, 1 + f + j] = max(run - row[longest_at + j], 0.0)
+            elif by_smooth:
+                details[e, 1 + f + j] = smooth_squared[i, j]
             total += details[e, 1 + f + j]
         numeric_share = -log_numeric / -joint if by_attrs else 1.0
         for j in range(f):
@@ -895,19 +981,21 @@ def _score_wave(
             new_normal = normal + alpha * (capped - normal)
             row[s_at] = new_normal
             for k in range(w):
-                sd_k = math.sqrt(max(row[wvar_at + k], 1e-8))
-                zk = (row[avg_at + k] - normal) / sd_k
-                deviation = min(row[avg_at + k] - new_normal, WINSOR_Z * sd_k)
-                row[wvar_at + k] = (1.0 - alpha) * row[wvar_at + k] + alpha * deviation * deviation
-                exceeds = 1.0 if zk > TAIL_Z else 0.0
-                rate = row[rate_at + k]
-                row[rate_at + k] = rate + alpha * (exceeds - rate)
-                if exceeds:
-                    step = alpha / (rate + TAIL_PRIOR * alpha)
-                    over = min(zk - TAIL_Z, TAIL_EXCESS_MAX)
-                    row[excess_at + k] = max(
-                        row[excess_at + k] + step * (over - row[excess_at + k]), TAIL_EXCESS_MIN
-                    )
+                _learn_window(
+                    row, avg_at + k, wvar_at + k, rate_at + k, excess_at + k, normal, new_normal,
+                    alpha,
+                )  # fmt: skip
+            if smooth_ready:
+                rate = max(1.0 / (smooth_events + 1.0), long_alpha)
+                capped = min(s_smooth, smooth_normal + WINSOR_Z * smooth_spread)
+                new_normal = smooth_normal + rate * (capped - smooth_normal)
+                row[smooth_s_at] = new_normal
+                deviation = capped - new_normal
+                row[smooth_var_at] = (1.0 - rate) * row[smooth_var_at] + rate * deviation**2
+                _learn_window(
+                    row, smooth_avg_at, smooth_avg_at + 1, smooth_avg_at + 2, smooth_avg_at + 3,
+                    smooth_normal, new_normal, rate,
+                )  # fmt: skip
             for j in range(f):
                 repeated = x[e, j] == row[last_at + j]
                 run = row[run_at + j] + 1.0 if repeated else 0.0
@@ -922,6 +1010,11 @@ def _score_wave(
                 row[run_at + j] = 0.0
         for j in range(f):
             row[last_at + j] = x[e, j]
+            level = row[smooth_at + j]
+            value = model_input[i, j]
+            row[smooth_at + j] = (
+                value if math.isnan(level) else level + SMOOTH_ALPHA * (value - level)
+            )
 
         # Anomalous values stay out of the normal range (river's protect_anomaly_detector), and
         # out of the features' typical residuals (winsorised, like the surprise).
@@ -930,6 +1023,19 @@ def _score_wave(
                 typical_j = row[squares_at + j]
                 seen = min(squared[i, j], WINSOR_Z * WINSOR_Z * typical_j)
                 row[squares_at + j] = max(typical_j + alpha * (seen - typical_j), SQUARES_FLOOR)
+                # The smoothed level's typical squared deviation, from PRIOR_WEIGHT events on
+                # (the first values' normalisation is too unsettled to say what is typical): a
+                # plain mean over the first ones, then exponential and winsorised like the rest.
+                measured = count - PRIOR_WEIGHT + 1.0
+                if measured >= 1.0:
+                    typical_j = row[smooth_squares_at + j]
+                    seen = smooth_deviation[i, j]
+                    if measured > PRIOR_WEIGHT:
+                        seen = min(seen, WINSOR_Z * WINSOR_Z * typical_j)
+                    rate = max(1.0 / measured, long_alpha)
+                    row[smooth_squares_at + j] = max(
+                        typical_j + rate * (seen - typical_j), SQUARES_FLOOR
+                    )
             for j in range(f):
                 row[mean_at + j], row[var_at + j] = update(
                     x[e, j], row[mean_at + j], row[var_at + j], count, norm_window
