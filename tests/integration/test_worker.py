@@ -401,19 +401,30 @@ def test_sigterm_exits_cleanly_with_offsets_committed(broker, model_dir, tmp_pat
     n = names("term")
     setup_topics(broker, n, partitions=2)
     records = encode(sensor_events(200, 150, seed=5))
-    produce(broker, n["topic"], records)
+    # As in the SIGKILL test: a first part is there at the start, a second is produced while
+    # the worker reads and the signal lands once the worker is into it, and the rest is never
+    # produced, so the signal is mid-stream however fast the worker reads.
+    first_part, before_term = len(records) // 5, len(records) * 3 // 4
+    produce(broker, n["topic"], records[:first_part])
     env = make_env(broker, n, tmp_path / "state", consumer, DETECTOR__ENGINE__BATCH_SIZE="500")
     worker = start_worker(model_dir, env, tmp_path, "--idle-exit", "30")
+    second_part = threading.Thread(
+        target=produce, args=(broker, n["topic"], records[first_part:before_term])
+    )
     try:
         wait_for_commit(broker, n["group"], n["topic"], worker, above=1000)
+        second_part.start()
+        wait_for_commit(broker, n["group"], n["topic"], worker, above=first_part + 1000)
         worker.send_signal(signal.SIGTERM)
         out, err = worker.communicate(timeout=20)
     finally:
         if worker.poll() is None:
             worker.kill()
+        if second_part.is_alive():
+            second_part.join(60)
     assert worker.returncode == 0, err.decode()[-3000:]
     summary = last_json(out)
-    assert 0 < summary["records"] < len(records), "SIGTERM should land mid-stream"
+    assert first_part < summary["records"] <= before_term < len(records)
     # Every record the worker read is committed: the next offset of each partition it read.
     offsets = committed(broker, n["group"], n["topic"])
     for key, (_, next_offset) in summary["offsets"].items():
