@@ -109,7 +109,7 @@ class ScoringConfig(Section):
     threshold: float = Field(default=0.9999, gt=0, lt=1, description="alert when score >= this")
     cooldown_seconds: float = Field(default=0.0, ge=0, description="quiet time after an alert")
     windows: list[Annotated[float, Field(ge=1)]] = Field(
-        default_factory=lambda: [1.0, 4.0, 32.0],
+        default_factory=lambda: [1.0, 4.0],
         min_length=1,
         description="horizons (events) over which recent errors are averaged and judged",
     )

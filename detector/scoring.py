@@ -8,11 +8,11 @@
    squared residuals, learned like the normal surprise): a jump of 4 forecast sd in a
    feature forecast to within half its residuals' spread is not averaged away by one forecast
    loosely. With one feature, w = 1.
-3. Evidence over several horizons. For each window w (1 = this event alone, then a few events,
-   then a few dozen) the stream keeps an exponentially weighted average of s, and the long-run
+3. Evidence over several horizons. For each window w (1 = this event alone, then a few events;
+   `windows` in the config) the stream keeps an exponentially weighted average of s, and the long-run
    variance of that average around the stream's normal surprise. The window's z-score compares
-   the two: a single spike stands out in window 1, a sustained run of middling errors (a variance
-   change, a frequency change) in the longer ones, which see each event winsorised at
+   the two: a single spike stands out in window 1, a sustained run of middling errors in the
+   longer ones, which see each event winsorised at
    `WINDOW_WINSOR_Z` sd of window 1, so that a spike is window 1's finding and a lasting change
    moves them from its first event. Each window is calibrated on its own history,
    so autocorrelated errors do not inflate it. The z is read as Student's t with as many
@@ -300,7 +300,7 @@ class Scorer:
     def __init__(
         self,
         threshold: float,
-        windows: tuple[float, ...] = (1.0, 4.0, 32.0),
+        windows: tuple[float, ...] = (1.0, 4.0),
         long_window: float = 1000.0,
         calibration: Calibration | None = None,
         novelty_window: float = 200.0,
