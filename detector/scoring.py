@@ -9,16 +9,16 @@
    feature forecast to within half its residuals' spread is not averaged away by one forecast
    loosely. With one feature, w = 1.
 3. Evidence over several horizons. For each window w (1 = this event alone, then a few events;
-   `windows` in the config) the stream keeps an exponentially weighted average of s, and the long-run
-   variance of that average around the stream's normal surprise. The window's z-score compares
-   the two: a single spike stands out in window 1, a sustained run of middling errors in the
-   longer ones, which see each event winsorised at
-   `WINDOW_WINSOR_Z` sd of window 1, so that a spike is window 1's finding and a lasting change
-   moves them from its first event. Each window is calibrated on its own history,
-   so autocorrelated errors do not inflate it. The z is read as Student's t with as many
-   degrees of freedom as events behind the statistics (plus the prior's `PRIOR_WEIGHT`): a new
-   stream's spread is an estimate, and a z of 3.7 against the spread of 50 events is as common
-   as 3.4 against a known one (young streams alerted at 1e-3 an event with the 1e-4 threshold).
+   `windows` in the config) the stream keeps an exponentially weighted average of s, and the
+   long-run variance of that average around the stream's normal surprise. The window's z-score
+   compares the two: a single spike stands out in window 1, a sustained run of middling errors
+   in the longer ones, which see each event winsorised at `WINDOW_WINSOR_Z` sd of window 1, so
+   that a spike is window 1's finding and a lasting change moves them from its first event.
+   Each window is calibrated on its own history, so autocorrelated errors do not inflate it.
+   The z is read as Student's t with as many degrees of freedom as events behind the
+   statistics (plus the prior's `PRIOR_WEIGHT`): a new stream's spread is an estimate, and a z
+   of 3.7 against the spread of 50 events is as common as 3.4 against a known one (young
+   streams alerted at 1e-3 an event with the 1e-4 threshold).
    One more window (`SMOOTH_WINDOW` events) watches the series through a plainer forecaster:
    each normalised value against its exponentially smoothed level (`SMOOTH_ALPHA`), in units of
    the stream's typical squared deviation from it. A forecaster that follows the series step by
@@ -589,6 +589,17 @@ def _own_tail_z(z, row, at, edges):
 
 
 @numba.njit(cache=True, inline="always")
+def _run_log_p(run, longest, rate):
+    """log P(a run of `run` repeats) for a feature whose longest recent run is `longest` and
+    whose rate of repeats is `rate`: each repeat beyond the longest recent run has probability
+    rate (at least REPEAT_FLOOR); 0 for a feature that repeats too often to look stuck."""
+    excess = max(run - longest, 0.0)
+    if excess > 0.0 and rate < STUCK_RATE_MAX:
+        return excess * math.log(max(rate, REPEAT_FLOOR))
+    return 0.0
+
+
+@numba.njit(cache=True, inline="always")
 def _span(high, low):
     """The width of a stream's range, floored for a stream that has shown one value."""
     return max(high - low, 1e-6 * max(abs(high), abs(low)) + 1e-12)
@@ -816,9 +827,7 @@ def _score_wave(
         log_stuck = 0.0
         for j in range(f):
             run = row[run_at + j] + 1.0 if x[e, j] == row[last_at + j] else 0.0
-            excess = max(run - row[longest_at + j], 0.0)
-            if excess > 0.0 and row[repeat_at + j] < STUCK_RATE_MAX:  # where repeats are rare
-                log_stuck = min(log_stuck, excess * math.log(max(row[repeat_at + j], REPEAT_FLOOR)))
+            log_stuck = min(log_stuck, _run_log_p(run, row[longest_at + j], row[repeat_at + j]))
         log_stuck = -STUCK_LOG_P_MIN if log_stuck <= -STUCK_LOG_P else log_stuck
         log_fit = max(min(log_tail, log_stuck), -LOG_P_MIN)
         z_fit = max(_z_of_log_tail(log_fit), z_body) if log_fit < 0.0 else z_body
@@ -999,11 +1008,18 @@ def _score_wave(
             for j in range(f):
                 repeated = x[e, j] == row[last_at + j]
                 run = row[run_at + j] + 1.0 if repeated else 0.0
-                row[repeat_at + j] += alpha * ((1.0 if repeated else 0.0) - row[repeat_at + j])
+                longest, rate = row[longest_at + j], row[repeat_at + j]
+                # A stuck run is an anomaly, and like anomalous values it stays out of what is
+                # normal: its repeats out of the rate, its length out of the longest recent run
+                # (a sensor stuck for 68 events was deaf to its next stuck run for 50 more).
+                if not (repeated and _run_log_p(run, longest, rate) <= -STUCK_LOG_P):
+                    row[repeat_at + j] = rate + alpha * ((1.0 if repeated else 0.0) - rate)
                 # The longest recent run learns from runs that have ended, so that a run in
                 # progress is judged against what came before it.
                 ended = 0.0 if repeated else row[run_at + j]
-                row[longest_at + j] = max(row[longest_at + j] * (1.0 - long_alpha), ended)
+                if _run_log_p(ended, longest, rate) <= -STUCK_LOG_P:
+                    ended = 0.0
+                row[longest_at + j] = max(longest * (1.0 - long_alpha), ended)
                 row[run_at + j] = run
         else:
             for j in range(f):

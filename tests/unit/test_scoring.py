@@ -209,6 +209,20 @@ def test_a_stuck_run_does_not_teach_the_stream_that_its_far_tail_is_common():
     assert -math.log10(1 - once_stuck[-1, 0]) > -math.log10(1 - plain[-1, 0]) - 0.5
 
 
+def test_a_sensor_that_was_stuck_is_not_deaf_to_its_next_stuck_run():
+    """A stuck run is an anomaly: its length does not become the stream's longest normal run,
+    nor its repeats part of the rate. When they did, a second run of 30 events 100 events after
+    one of 70 was judged against a 'longest recent run' of 63 and never alerted."""
+    rng = np.random.default_rng(1)
+    before, between = rng.standard_normal(600), rng.standard_normal(100)
+    first = np.full(70, before[-1])
+    second = np.full(30, between[-1])
+    out = feed(np.concatenate([before, first, between, second]), Scorer(0.9999), logvar=0.0)
+    assert out[600:670, 2].sum() == 1  # the first run alerts once
+    assert out[670:770, 2].sum() == 0
+    assert out[770:, 2].sum() == 1  # and so does the second
+
+
 def test_own_tails_follow_how_often_the_stream_really_goes_that_far():
     counts = np.zeros(len(TAIL_EDGES) + 1)
     counts[-1] = 10_000  # events counted
