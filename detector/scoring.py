@@ -732,6 +732,7 @@ def _score_wave(
     squared = np.empty((b, f))  # each value's squared residual
     smooth_deviation = np.empty((b, f))  # ... its squared deviation from its smoothed level
     smooth_squared = np.ones((b, f))  # ... and that in its typical units (1 until known)
+    run_log_p = np.empty((b, f))  # each value's run of repeats: its log p (0: not stuck-like)
     beyond = np.empty((b, f))  # each value's distance beyond its record (<= 0: none)
     transition_log_p = np.zeros((b, f))  # each value's new transition: its log p (0: none)
     level_z = np.zeros((b, f))  # each value's |z| among its attr values' events (0: none)
@@ -827,7 +828,8 @@ def _score_wave(
         log_stuck = 0.0
         for j in range(f):
             run = row[run_at + j] + 1.0 if x[e, j] == row[last_at + j] else 0.0
-            log_stuck = min(log_stuck, _run_log_p(run, row[longest_at + j], row[repeat_at + j]))
+            run_log_p[i, j] = _run_log_p(run, row[longest_at + j], row[repeat_at + j])
+            log_stuck = min(log_stuck, run_log_p[i, j])
         log_stuck = -STUCK_LOG_P_MIN if log_stuck <= -STUCK_LOG_P else log_stuck
         log_fit = max(min(log_tail, log_stuck), -LOG_P_MIN)
         z_fit = max(_z_of_log_tail(log_fit), z_body) if log_fit < 0.0 else z_body
@@ -1012,7 +1014,7 @@ def _score_wave(
                 # A stuck run is an anomaly, and like anomalous values it stays out of what is
                 # normal: its repeats out of the rate, its length out of the longest recent run
                 # (a sensor stuck for 68 events was deaf to its next stuck run for 50 more).
-                if not (repeated and _run_log_p(run, longest, rate) <= -STUCK_LOG_P):
+                if not (repeated and run_log_p[i, j] <= -STUCK_LOG_P):
                     row[repeat_at + j] = rate + alpha * ((1.0 if repeated else 0.0) - rate)
                 # The longest recent run learns from runs that have ended, so that a run in
                 # progress is judged against what came before it.
@@ -1042,7 +1044,7 @@ def _score_wave(
                 # The smoothed level's typical squared deviation, from PRIOR_WEIGHT events on
                 # (the first values' normalisation is too unsettled to say what is typical): a
                 # plain mean over the first ones, then exponential and winsorised like the rest.
-                measured = count - PRIOR_WEIGHT + 1.0
+                measured = smooth_events + 1.0
                 if measured >= 1.0:
                     typical_j = row[smooth_squares_at + j]
                     seen = smooth_deviation[i, j]
