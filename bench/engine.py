@@ -22,6 +22,7 @@ import sys
 import time
 
 import numpy as np
+import orjson
 import torch
 
 from detector.allocator import keep_freed_memory
@@ -39,13 +40,16 @@ def rss_bytes() -> int:
 
 
 def make_batches(n_batches: int, batch: int, streams: list[str], seed: int) -> list[EventBatch]:
+    """Batches of random events over `streams`, their ids fresh string objects per batch, as the
+    worker's decoder makes them (`orjson.loads` of each record): no hash cached on them yet, and
+    a batch's ids side by side in memory, not spread over the process like long-lived ones."""
     rng = np.random.default_rng(seed)
     out = []
     for k in range(n_batches):
         pick = rng.integers(0, len(streams), batch)
         out.append(
             EventBatch(
-                streams=[streams[i] for i in pick],
+                streams=orjson.loads(orjson.dumps([streams[i] for i in pick])),
                 ts=np.full(batch, 1.7e9 + k, dtype=np.float64),
                 values=rng.standard_normal((batch, FEATURES)).astype(np.float32),
                 attrs=np.zeros((batch, 0), dtype=np.int64),
