@@ -8,7 +8,10 @@ events is stepped in order. A wave is one gather of recurrent states, one batche
 compiled pass of the scorer over the statistics rows (in place; it reads the wave's events from
 the batch's columns and writes their verdicts into the batch's result rows, so a later wave
 costs no gather or scatter of its own) and one batched recurrent step that writes the new
-states back into the slab: no per-event Python.
+states back into the slab: no per-event Python. A GRU's wave of fewer than `SMALL_WAVE` events
+(most batches' second and third) runs the same compiled passes in one call (`fused_wave`),
+without the Python and torch dispatch between them that costs a small wave more than its
+arithmetic.
 Every row is computed from its own stream's state only, which is why a stream gets the same scores
 whether its events come one by one or in big mixed batches.
 
@@ -41,6 +44,7 @@ import torch
 
 from detector.allocator import keep_freed_memory
 from detector.events import EventBatch
+from detector.fused_wave import SMALL_WAVE, GruWeights, step_wave
 from detector.model import Forecaster
 from detector.normalization import symexp, symlog
 from detector.scoring import Calibration, Scorer, Scores
@@ -138,6 +142,8 @@ class Engine:
         self._clocks = np.zeros((capacity, CLOCKS), dtype=np.float64)
         self._table = SlotTable(2 * capacity)
         self._seen = np.zeros(capacity, dtype=np.int32)  # scratch for _wave_ranks
+        # A GRU's small waves run as one compiled call (fused_wave), with copies of its weights.
+        self._gru = GruWeights.of(self.model) if model.config.cell == "gru" else None
 
     @classmethod
     def from_config(cls, model: Forecaster, config, calibration: Calibration) -> Engine:
@@ -281,7 +287,13 @@ class Engine:
     ) -> None:
         """The events at `rows` of the batch, one for each of B distinct streams (`slot`): score
         them into `scores`, then fold them into the state. `values` are the batch's, on the
-        model's scale."""
+        model's scale. A GRU's small wave runs as one compiled call (`fused_wave`)."""
+        if self._gru is not None and len(rows) < SMALL_WAVE:
+            step_wave(
+                rows, slot, values, batch.attrs, batch.ts, self._hidden.numpy(), self._stats,
+                self._clocks, self._gru, self.scorer.kernel_parameters(self.n_attrs), scores,
+            )  # fmt: skip
+            return
         index = torch.from_numpy(slot)
         state = self._hidden.index_select(0, index).view(-1, *self._state_shape)  # (B, L, S)
         attrs_t = torch.from_numpy(batch.attrs[rows]) if self.n_attrs else None
@@ -300,16 +312,19 @@ class Engine:
         it cannot serve yet."""
         started = time.perf_counter()
         scratch = Engine(self.model, scorer=self.scorer, initial_capacity=2)
-        n = 2  # one stream's two events: two waves
+        # A wave as large as SMALL_WAVE (the batched path), then the first stream's second event
+        # (a small wave's compiled call).
+        streams = [f"warm-up-{i}" for i in range(SMALL_WAVE)]
+        streams.append(streams[0])
+        n = len(streams)
         scratch.step_many(
             EventBatch(
-                ["warm-up"] * n,
+                streams,
                 np.zeros(n),
                 np.zeros((n, self.n_features), dtype=np.float32),
                 np.zeros((n, self.n_attrs), dtype=np.int64),
             )
         )
-        scratch.forget(["warm-up"])
         return time.perf_counter() - started
 
     # ---- snapshots --------------------------------------------------------------------------

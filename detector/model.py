@@ -138,7 +138,7 @@ class Forecaster(nn.Module):
             self._with_attrs(top, attrs), self.head.weight, self.head.bias, LOGVAR_MIN, LOGVAR_MAX
         )
 
-    def _layer_weights(
+    def layer_weights(
         self, layer: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         core = self.core
@@ -159,7 +159,7 @@ class Forecaster(nn.Module):
         hidden = self.config.hidden_size
         new_layers = []
         for layer in range(self.config.num_layers):
-            weights = self._layer_weights(layer)
+            weights = self.layer_weights(layer)
             previous = state[:, layer]  # (B, S)
             if self.config.cell == "gru":
                 h = gru_step(layer_input, previous, *weights)
@@ -194,7 +194,7 @@ class Forecaster(nn.Module):
         size = self.state_size
         for layer in range(self.config.num_layers):
             column = layer * size
-            weights = self._layer_weights(layer)
+            weights = self.layer_weights(layer)
             gru_step_into(layer_input, state[:, layer], *weights, slab, rows, column)
             if layer + 1 < self.config.num_layers:
                 layer_input = slab[:, column : column + size].index_select(0, rows)

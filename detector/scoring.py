@@ -398,16 +398,24 @@ class Scorer:
         logvar (B, F, in normalised units) are the wave's. slots index `stats` (C, width) and
         `clocks` (C, 2: last time, cooldown end), which are updated in place.
         """
-        n_attrs = attrs.shape[1]
         model_input = np.empty((len(rows), x.shape[1]), dtype=np.float32)
         _score_wave(
-            rows, slots, x, attrs, ts, forecast, logvar, stats, clocks, self._alphas,
-            *self.attr_priors(n_attrs),
-            self.threshold, 1.0 / self.long_window, self.novelty_block, self.novelty_memory,
-            float(self.warmup_events), self.cooldown_seconds, self.norm_window,
+            rows, slots, x, attrs, ts, forecast, logvar, stats, clocks,
+            *self.kernel_parameters(attrs.shape[1]),
             out.score, out.probability, out.alert, out.warm, model_input, out.details,
         )  # fmt: skip
         return model_input
+
+    def kernel_parameters(
+        self, n_attrs: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float, float, bool, float, float, float]:
+        """The scoring kernel's parameters between its inputs and its outputs, for a model with
+        `n_attrs` categorical attrs."""
+        return (
+            self._alphas, *self.attr_priors(n_attrs), self.threshold, 1.0 / self.long_window,
+            self.novelty_block, self.novelty_memory, float(self.warmup_events),
+            self.cooldown_seconds, self.norm_window,
+        )  # fmt: skip
 
 
 @numba.njit(cache=True, inline="always")

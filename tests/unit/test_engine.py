@@ -6,8 +6,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from detector import engine as engine_module
 from detector.engine import REJECTED, SCORED, WARMUP, Engine
 from detector.events import EventBatch
+from detector.fused_wave import SMALL_WAVE
 from detector.model import Forecaster, ForecasterConfig
 from detector.scoring import Scorer
 
@@ -78,6 +80,28 @@ def test_scores_do_not_depend_on_how_events_are_batched(seed, n_streams, batch_s
         np.testing.assert_allclose(one_by_one["expected"], other["expected"], rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("layers, n_attrs", [(1, 0), (2, 1)])
+def test_a_small_wave_in_one_compiled_call_scores_as_the_batched_path_does(
+    monkeypatch, layers, n_attrs
+):
+    events = random_events(3, 600, 40, n_attrs=n_attrs)
+    model = make_model(n_attrs=n_attrs, layers=layers)
+
+    def run(small_wave: int):
+        monkeypatch.setattr(engine_module, "SMALL_WAVE", small_wave)
+        engine = Engine(model, scorer=Scorer(0.9999, warmup_events=5))
+        return run_in_batches(engine, events, 50), engine.snapshot()
+
+    compiled, compiled_state = run(SMALL_WAVE)  # every wave has at most 40 events
+    batched, batched_state = run(0)
+    np.testing.assert_array_equal(compiled["outcome"], batched["outcome"])
+    assert (compiled["outcome"] == SCORED).mean() > 0.5
+    np.testing.assert_allclose(compiled["score"], batched["score"], atol=1e-6)
+    np.testing.assert_allclose(compiled["expected"], batched["expected"], rtol=1e-5, atol=1e-4)
+    assert compiled_state.streams == batched_state.streams
+    np.testing.assert_allclose(compiled_state.rows32, batched_state.rows32, rtol=1e-4, atol=1e-5)
+
+
 def test_warmup_then_scored_per_stream():
     engine = Engine(make_model(), scorer=Scorer(0.9999, warmup_events=3))
     batch = make_batch(["a"] * 5 + ["b"], range(6), [[1.0, 2.0]] * 6)
@@ -105,9 +129,10 @@ def test_warming_up_the_kernels_leaves_the_engine_as_it_was():
 def test_after_the_warm_up_no_batch_needs_another_compiled_kernel():
     from detector.fused_gru import _gates
     from detector.fused_head import _head
+    from detector.fused_wave import _step_wave
     from detector.scoring import _score_wave
 
-    kernels = (_score_wave, _gates, _head)
+    kernels = (_score_wave, _gates, _head, _step_wave)
 
     model = Forecaster(
         ForecasterConfig(n_features=2, hidden_size=8, n_attrs=1, attr_buckets=16, log_scale=(0,))
@@ -116,7 +141,8 @@ def test_after_the_warm_up_no_batch_needs_another_compiled_kernel():
         engine = Engine(model, scorer=Scorer(0.9999, novelty_window=novelty_window))
         engine.warm_up()
         compiled = [len(kernel.signatures) for kernel in kernels]
-        for streams in (["a"], ["a", "b"], ["a", "b", "a", "c", "a"]):  # waves of 1, 2 and 3
+        many = [f"s{i}" for i in range(SMALL_WAVE + 1)]  # a large wave, then a small one
+        for streams in (["a"], ["a", "b"], ["a", "b", "a", "c", "a"], many + many[:3]):
             n = len(streams)
             engine.step_many(make_batch(streams, range(n), np.ones((n, 2)), attrs=np.zeros((n, 1))))
         assert [len(kernel.signatures) for kernel in kernels] == compiled
