@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP) ## Create .venv and install the package with its dev tools (instant when up to date)
 
-test: setup ## Run the whole suite: unit tests, doctests and integration tests (starts a broker)
+test: lint ## Lint, then run the whole suite: unit tests, doctests, integration tests (starts a broker)
 	$(PY) -m pytest
 
 test-unit: setup ## Run the unit tests and doctests only (no broker)
