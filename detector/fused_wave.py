@@ -44,7 +44,9 @@ from detector.fused_head import _head
 from detector.model import LOGVAR_MAX, LOGVAR_MIN, Forecaster
 from detector.scoring import Scores, _score_wave
 
-SMALL_WAVE = 256  # a wave of fewer events takes this path
+# A wave of fewer events takes this path. Measured (100,000 streams, medians of 250 calls): one
+# call 230 / 399 / 743 us for 256 / 512 / 1,024 events, the separate passes 285 / 421 / 694.
+SMALL_WAVE = 512
 
 
 class GruWeights(NamedTuple):
