@@ -137,7 +137,10 @@ def _with_embeddings(row, at, embeddings, buckets):
 # parallel themselves): numba segfaults loading from its cache a plain function that calls
 # parallel ones (numba issue 8578). A prange of its own here made small waves 2.5x slower. numba
 # warns that nothing was parallelised, which is the intent: that warning is silenced for this
-# file only.
+# file only. Its cached copy is fast when a process compiled it for one model, as the warm-up
+# and the Dockerfile's do; after the test suite had compiled it among other signatures, the
+# copy it cached ran small waves 3.5x slower (correct, and fast again once recompiled: clear
+# numba's cache, `detector/__pycache__/*.nb*`). Not cached at all, each process would pay ~4 s.
 warnings.filterwarnings(
     "ignore", r"(?s).*no transformation for parallel execution.*fused_wave\.py",
     NumbaPerformanceWarning,
