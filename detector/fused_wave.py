@@ -39,10 +39,13 @@ import numpy as np
 import torch
 from numba.core.errors import NumbaPerformanceWarning
 
+from detector import jit_cache
 from detector.fused_gru import _gates
 from detector.fused_head import _head
 from detector.model import LOGVAR_MAX, LOGVAR_MIN, Forecaster
 from detector.scoring import Scores, _score_wave
+
+jit_cache.keep_current()  # its kernels reach into other modules: see jit_cache
 
 # A wave of fewer events takes this path. Measured (100,000 streams, medians of 250 calls): one
 # call 230 / 399 / 743 us for 256 / 512 / 1,024 events, the separate passes 285 / 421 / 694.

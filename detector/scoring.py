@@ -134,8 +134,11 @@ from dataclasses import asdict, dataclass
 import numba
 import numpy as np
 
+from detector import jit_cache
 from detector.normalization import Z_CLIP, normalise, scale, update
 from detector.prefetch import prefetch_row
+
+jit_cache.keep_current()  # its kernels reach into other modules: see jit_cache
 
 PRIOR_WEIGHT = 20.0  # events' worth of trust in the model's validation statistics
 WINSOR_Z = 3.0  # long statistics see at most mean + 3 sd of surprise from any one event

@@ -23,7 +23,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from detector import jit_cache
 from detector.prefetch import prefetch_row
+
+jit_cache.keep_current()  # its kernels reach into other modules: see jit_cache
 
 EMPTY = np.uint64(0)
 AHEAD = 8  # ids whose probes are prefetched ahead of the one being looked up
